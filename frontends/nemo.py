@@ -1,0 +1,183 @@
+"""NeMo CTC models (``.nemo``) -> FloatModel: encoder + decoder as one exported graph.
+
+The ``.nemo`` archive's config is read first, without importing NeMo (about 9 s),
+so that a wrong file or an unsupported model kind fails at once. The mel
+preprocessor stays in float outside the graph (as in Q-ASR); its config and the
+vocabulary travel with the graph so the quantized model still transcribes audio.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tarfile
+from typing import Any, Optional
+
+import torch
+
+from qpipe.frontends.model import FloatModel
+from qpipe.ir.errors import QpipeError
+
+SUPPORTED_CLASSES = {"EncDecCTCModel", "EncDecCTCModelBPE"}
+_UNSUPPORTED_HINTS = {
+    "RNNT": "an RNN-T (transducer) model",
+    "Hybrid": "a hybrid RNN-T/CTC model",
+    "Classification": "a classification model",
+    "Speaker": "a speaker model",
+    "Diariz": "a diarization model",
+    "MultiTask": "a multi-task (AED) model",
+}
+
+
+def read_nemo_config(path: str) -> dict[str, Any]:
+    """The model config inside a ``.nemo`` archive (a tar with model_config.yaml)."""
+    if not os.path.exists(path):
+        raise QpipeError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise QpipeError(f"{path} is a directory, not a .nemo file")
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("model_config.yaml")), None)
+            if member is None:
+                raise QpipeError(f"{path} is not a .nemo file (no model_config.yaml inside)")
+            text = tar.extractfile(member).read().decode("utf-8")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise QpipeError(f"{path} is not a .nemo file (not a tar archive: {exc})") from None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise QpipeError(f"{path}: model_config.yaml does not parse: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise QpipeError(f"{path}: model_config.yaml is not a mapping")
+    return cfg
+
+
+def model_class_name(cfg: dict[str, Any]) -> str:
+    target = str(cfg.get("target", "") or cfg.get("_target_", ""))
+    return target.rsplit(".", 1)[-1]
+
+
+def check_supported(path: str, cfg: dict[str, Any]) -> str:
+    cls = model_class_name(cfg)
+    if cls in SUPPORTED_CLASSES:
+        return cls
+    for key, what in _UNSUPPORTED_HINTS.items():
+        if key.lower() in cls.lower():
+            raise QpipeError(f"{path} is {what} ({cls}); qpipe supports CTC models ({', '.join(sorted(SUPPORTED_CLASSES))})")
+    if cls:
+        raise QpipeError(f"{path}: unsupported NeMo model class {cls}; qpipe supports {', '.join(sorted(SUPPORTED_CLASSES))}")
+    if "encoder" in cfg and "decoder" in cfg and "joint" not in cfg:
+        return "EncDecCTCModel"
+    raise QpipeError(f"{path}: cannot tell the NeMo model class (no 'target' in its config)")
+
+
+@contextlib.contextmanager
+def quiet_nemo():
+    """NeMo logs pages of warnings on import and restore; keep the terminal readable."""
+    os.environ.setdefault("NEMO_LOG_LEVEL", "ERROR")
+    for name in ("nemo_logger", "nemo", "lightning", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):
+        try:
+            from nemo.utils import logging as nemo_logging
+
+            nemo_logging.setLevel(logging.ERROR)
+        except Exception:  # pragma: no cover - logging is a nicety
+            pass
+        yield
+
+
+class CTCGraph(torch.nn.Module):
+    """Encoder + CTC decoder as one module: ``features (B, F, T) -> log-probs (B, T', V)``."""
+
+    def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # Every utterance of a batch is full length: masks are off (_prepare_for_export)
+        # and the lengths only feed outputs this graph does not return.
+        length = torch.full((features.shape[0],), features.shape[2], dtype=torch.int64, device=features.device)
+        encoded = self.encoder(audio_signal=features, length=length)
+        if isinstance(encoded, (tuple, list)):
+            encoded = encoded[0]
+        return self.decoder(encoder_output=encoded)
+
+
+def restore(path: str, cfg: Optional[dict[str, Any]] = None):
+    """Restore the NeMo model (CPU, eval) after checking the archive is a supported kind."""
+    cfg = cfg if cfg is not None else read_nemo_config(path)
+    cls = check_supported(path, cfg)
+    with quiet_nemo():
+        from nemo.collections.asr.models import EncDecCTCModel, EncDecCTCModelBPE
+
+        model_cls = EncDecCTCModelBPE if cls == "EncDecCTCModelBPE" else EncDecCTCModel
+        try:
+            model = model_cls.restore_from(path, map_location=torch.device("cpu"))
+        except Exception as exc:
+            raise QpipeError(f"NeMo could not restore {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return model.eval()
+
+
+def vocabulary_of(model) -> list[str]:
+    decoder = model.decoder
+    vocab = getattr(decoder, "vocabulary", None)
+    if vocab:
+        return [str(v) for v in vocab]
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        return [tokenizer.ids_to_tokens([i])[0] for i in range(tokenizer.vocab_size)]
+    raise QpipeError("the NeMo model has neither a vocabulary nor a tokenizer")
+
+
+def load_nemo(path: str, example_time: int = 256, batch: int = 2) -> FloatModel:
+    """Restore a ``.nemo`` CTC model and export encoder+decoder with a dynamic time axis."""
+    cfg = read_nemo_config(path)
+    cls = check_supported(path, cfg)
+    model = restore(path, cfg)
+    with quiet_nemo():
+        from nemo.core.classes.common import typecheck
+
+        model.encoder._prepare_for_export()
+        model.decoder._prepare_for_export() if hasattr(model.decoder, "_prepare_for_export") else None
+        encoder_name = type(model.encoder).__name__
+        needs_length = "Conformer" in encoder_name or "Squeezeformer" in encoder_name
+        subsampling = int(getattr(model.encoder, "subsampling_factor", 1) or 1)
+        time_multiple = subsampling if needs_length else 1
+        example_time = max(time_multiple * 2, (example_time // time_multiple) * time_multiple)
+        features = int(cfg.get("preprocessor", {}).get("features", getattr(model.encoder, "_feat_in", 64)))
+        graph_module = CTCGraph(model.encoder, model.decoder).eval()
+        example = (torch.randn(batch, features, example_time),)
+        from qpipe.frontends.torch import from_module
+
+        with typecheck.disable_checks(), torch.no_grad():
+            fm = from_module(
+                graph_module,
+                example,
+                time_multiple=time_multiple,
+                max_time=4096 if needs_length else 16384,
+                kind=f"nemo:{cls}:{encoder_name}",
+                source=os.path.abspath(path),
+            )
+    fm.preprocessor = _plain(cfg.get("preprocessor"))
+    fm.vocabulary = vocabulary_of(model)
+    fm.info["encoder"] = encoder_name
+    fm.info["parameters"] = int(sum(p.numel() for p in graph_module.parameters()))
+    fm.info["model_class"] = cls
+    return fm
+
+
+def _plain(obj):
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(obj):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj

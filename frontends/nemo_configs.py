@@ -1,0 +1,123 @@
+"""NeMo model configs the project builds itself (no checkpoint can be downloaded).
+
+QuartzNet 15x5 and Jasper 10x5 follow NeMo's published example configs
+(``examples/asr/conf/quartznet/quartznet_15x5.yaml``, ``jasper/jasper_10x5dr.yaml``);
+``quartznet_tiny`` is a 5x1 QuartzNet small enough for unit tests.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+VOCABULARY = [" ", *"abcdefghijklmnopqrstuvwxyz", "'"]
+
+
+def _preprocessor(features: int = 64) -> dict[str, Any]:
+    return {
+        "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+        "normalize": "per_feature",
+        "window_size": 0.02,
+        "sample_rate": 16000,
+        "window_stride": 0.01,
+        "window": "hann",
+        "features": features,
+        "n_fft": 512,
+        "frame_splicing": 1,
+        "dither": 0.00001,
+        "pad_to": 16,
+        "stft_conv": False,
+    }
+
+
+def _block(filters, repeat, kernel, stride=1, dilation=1, residual=True, separable=True, dropout=0.0, **extra):
+    b = {
+        "filters": filters,
+        "repeat": repeat,
+        "kernel": [kernel],
+        "stride": [stride],
+        "dilation": [dilation],
+        "dropout": dropout,
+        "residual": residual,
+        "separable": separable,
+    }
+    b.update(extra)
+    return b
+
+
+def _ctc_config(jasper: list[dict], features: int, activation: str = "relu") -> dict[str, Any]:
+    return {
+        "sample_rate": 16000,
+        "labels": list(VOCABULARY),
+        "preprocessor": _preprocessor(features),
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConvASREncoder",
+            "feat_in": features,
+            "activation": activation,
+            "conv_mask": True,
+            "jasper": jasper,
+        },
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+            "feat_in": jasper[-1]["filters"],
+            "num_classes": len(VOCABULARY),
+            "vocabulary": list(VOCABULARY),
+        },
+    }
+
+
+def quartznet_15x5() -> dict[str, Any]:
+    """QuartzNet 15x5 (18.9M parameters): 5 groups of 3 blocks of 5 separable convs."""
+    jasper = [_block(256, 1, 33, stride=2, residual=False)]
+    for filters, kernel in ((256, 33), (256, 39), (512, 51), (512, 63), (512, 75)):
+        jasper += [_block(filters, 5, kernel) for _ in range(3)]
+    jasper += [_block(512, 1, 87, dilation=2, residual=False), _block(1024, 1, 1, residual=False, separable=False)]
+    return _ctc_config(jasper, 64)
+
+
+def jasper_10x5() -> dict[str, Any]:
+    """Jasper 10x5 with dense residuals (333M parameters), as NeMo's jasper_10x5dr."""
+    jasper = [_block(256, 1, 11, stride=2, residual=False, separable=False, dropout=0.2)]
+    for filters, kernel, dropout in ((256, 11, 0.2), (384, 13, 0.2), (512, 17, 0.2), (640, 21, 0.3), (768, 25, 0.3)):
+        jasper += [
+            _block(filters, 5, kernel, separable=False, dropout=dropout, residual_dense=True) for _ in range(2)
+        ]
+    jasper += [
+        _block(896, 1, 29, dilation=2, residual=False, separable=False, dropout=0.4),
+        _block(1024, 1, 1, residual=False, separable=False, dropout=0.4),
+    ]
+    return _ctc_config(jasper, 64)
+
+
+def quartznet_tiny() -> dict[str, Any]:
+    """A QuartzNet 5x1 with 64 channels: the shape of 15x5 at unit-test size."""
+    jasper = [_block(64, 1, 11, stride=2, residual=False)]
+    jasper += [_block(64, 2, k) for k in (11, 13, 15)]
+    jasper += [_block(96, 1, 17, dilation=2, residual=False), _block(128, 1, 1, residual=False, separable=False)]
+    return _ctc_config(jasper, 64)
+
+
+CONFIGS = {"quartznet_15x5": quartznet_15x5, "jasper_10x5": jasper_10x5, "quartznet_tiny": quartznet_tiny}
+
+
+def build_random_nemo(name: str, path: str, seed: int = 0) -> str:
+    """Build a NeMo EncDecCTCModel from a config with random weights and saves it as .nemo.
+
+    BatchNorm statistics are set to non-default values (as a trained model has),
+    since zero-shot calibration is driven by them.
+    """
+    import torch
+    from omegaconf import OmegaConf
+    from nemo.collections.asr.models import EncDecCTCModel
+
+    torch.manual_seed(seed)
+    model = EncDecCTCModel(cfg=OmegaConf.create(CONFIGS[name]()))
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            c = module.num_features
+            module.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+            module.running_var.copy_(torch.rand(c, generator=gen) * 2.0 + 0.25)
+            module.weight.data.copy_(torch.rand(c, generator=gen) * 0.8 + 0.6)
+            module.bias.data.copy_(torch.randn(c, generator=gen) * 0.2)
+    model.eval()
+    model.save_to(path)
+    return path

