@@ -8,6 +8,7 @@ from torch.fx import GraphModule
 
 from qpipe.frontends.model import FloatModel
 from qpipe.ir.errors import QpipeError
+from qpipe.ir.graph_utils import prune_to_outputs
 
 
 _FUNCTIONAL = {
@@ -17,29 +18,6 @@ _FUNCTIONAL = {
     torch.ops.aten.mul_.Tensor: torch.ops.aten.mul.Tensor,
     torch.ops.aten.clamp_.default: torch.ops.aten.clamp.default,
 }
-
-
-def prune_to_outputs(gm: GraphModule) -> int:
-    """Erase every node the outputs do not depend on; returns how many.
-
-    Export keeps bookkeeping that only feeds dropped values (NeMo's length
-    arithmetic, in-place ``detach_`` calls, tensor-metadata asserts); fx's own
-    dead-code elimination keeps those because they look impure.
-    """
-    live: set = set()
-    stack = [n for n in gm.graph.nodes if n.op == "output"]
-    while stack:
-        node = stack.pop()
-        if node in live:
-            continue
-        live.add(node)
-        stack.extend(node.all_input_nodes)
-    removed = 0
-    for node in reversed(list(gm.graph.nodes)):
-        if node not in live and node.op != "placeholder":
-            gm.graph.erase_node(node)
-            removed += 1
-    return removed
 
 
 def graph_from_exported(ep: torch.export.ExportedProgram) -> GraphModule:
@@ -58,14 +36,18 @@ def graph_from_exported(ep: torch.export.ExportedProgram) -> GraphModule:
         delattr(gm, name)
     gm.graph.lint()
     gm.recompile()
-    dim_names = {}
+    dim_names: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             val = node.meta.get("val")
-            for d in getattr(val, "shape", ()):
+            shape = list(getattr(val, "shape", ()))
+            for i, d in enumerate(shape):
                 if not isinstance(d, int):
+                    name = "B" if i == 0 and len(shape) > 1 else ("T" if i == len(shape) - 1 else f"D{i}")
                     for sym in d.node.expr.free_symbols:
-                        dim_names.setdefault(str(sym), "T" if not dim_names else f"T{len(dim_names)}")
+                        if str(sym) not in dim_names:
+                            taken = set(dim_names.values())
+                            dim_names[str(sym)] = name if name not in taken else f"{name}{len(taken)}"
     gm.meta["qpipe_dim_names"] = dim_names
     return gm
 

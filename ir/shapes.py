@@ -24,9 +24,6 @@ class _FakeProp(Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.mode = mode
 
-    def placeholder(self, target, args, kwargs):
-        return self.current_node.meta["val"]
-
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
         if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):

@@ -534,7 +534,12 @@ def _benchmark_step(model, n: int = 6) -> float:
     it = iter(model._train_dl)
     t = time.time()
     for i in range(n):
-        signal, sig_len, tr, tr_len = next(it)
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(model._train_dl)
+            batch = next(it)
+        signal, sig_len, tr, tr_len = batch
         lp, enc_len, _ = model.forward(input_signal=signal, input_signal_length=sig_len)
         loss = model.loss(log_probs=lp, targets=tr, input_lengths=enc_len, target_lengths=tr_len)
         opt.zero_grad()

@@ -1,0 +1,49 @@
+"""calibrate-data: calibrate on real audio from a NeMo manifest (for comparison with zero-shot)."""
+from __future__ import annotations
+
+import random
+
+from torch.fx import GraphModule
+
+from qpipe.frontends.audio import Featurizer, read_manifest
+from qpipe.ir.errors import QpipeError
+from qpipe.ir.passes import PassContext, PassResult, register
+from qpipe.ir.stages import Stage
+from qpipe.passes.calibration import calibrate_from_batches
+
+
+@register(
+    "calibrate-data",
+    needs=Stage.OBSERVED,
+    leaves=Stage.CALIBRATED,
+    options={"manifest": "", "utterances": 32, "seed": 0},
+)
+def calibrate_data(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Calibrate on real audio: mel features of up to ``utterances`` files from ``manifest``.
+
+    Each utterance is one batch (no padding, so no padded frames skew ranges);
+    the observers average the per-utterance ranges.
+    """
+    manifest = str(ctx.options["manifest"])
+    if not manifest:
+        raise QpipeError("calibrate-data needs manifest=PATH (a NeMo manifest of audio)")
+    entries = read_manifest(manifest)
+    rng = random.Random(int(ctx.options["seed"]))
+    n = int(ctx.options["utterances"])
+    if n < 1:
+        raise QpipeError("calibrate-data: utterances must be >= 1")
+    if len(entries) > n:
+        entries = rng.sample(entries, n)
+    featurizer = Featurizer(ctx.state.get("preprocessor"))
+    multiple = int(ctx.state.get("time_multiple", 1) or 1)
+    batches = []
+    for item in entries:
+        feats = featurizer.file(item["audio_filepath"])
+        t = (feats.shape[2] // multiple) * multiple
+        if t >= max(2, multiple):
+            batches.append(feats[:, :, :t].contiguous())
+    if not batches:
+        raise QpipeError(f"{manifest}: no utterance long enough to calibrate on")
+    stats = calibrate_from_batches(gm, batches, f"data:{manifest}")
+    ctx.state["calibration_inputs"] = batches[:4]
+    return PassResult(gm, True, stats)

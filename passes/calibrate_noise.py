@@ -1,0 +1,35 @@
+"""calibrate-noise: calibrate on inputs that carry no information (baselines for zero-shot)."""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from qpipe.ir.errors import QpipeError
+from qpipe.ir.passes import PassContext, PassResult, register
+from qpipe.ir.stages import Stage
+from qpipe.passes.calibration import calibrate_from_batches, input_shape
+
+
+@register(
+    "calibrate-noise",
+    needs=Stage.OBSERVED,
+    leaves=Stage.CALIBRATED,
+    options={"kind": "gaussian", "batch": 8, "length": 256, "seed": 0},
+)
+def calibrate_noise(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Calibrate on Gaussian noise (kind=gaussian) or one all-zeros input (kind=zeros).
+
+    These are the baselines that show what BN-statistics distillation buys.
+    """
+    o = ctx.options
+    kind = str(o["kind"])
+    if kind == "gaussian":
+        shape = input_shape(ctx.state, int(o["batch"]), int(o["length"]))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(int(o["seed"])))
+    elif kind == "zeros":
+        x = torch.zeros(input_shape(ctx.state, 1, int(o["length"])))
+    else:
+        raise QpipeError(f"calibrate-noise: kind must be gaussian or zeros, not '{kind}'")
+    stats = calibrate_from_batches(gm, [x], f"noise:{kind}")
+    ctx.state["calibration_inputs"] = [x]
+    return PassResult(gm, True, stats)
