@@ -30,6 +30,8 @@ def dyadic(ratio: float, m_bits: int = M_BITS) -> tuple[int, int]:
     shift = min(shift, MAX_SHIFT)
     m = int(Fraction(ratio) * (1 << shift) + Fraction(1, 2)) if shift else int(ratio + 0.5)
     if m >= (1 << m_bits):  # rounding carried into a new bit
+        if shift == 0:  # ratio in [2**m_bits - 1/2, 2**m_bits): m would need m_bits + 1 bits
+            raise ValueError(f"requantization ratio {ratio!r} needs more than {m_bits} integer bits")
         m >>= 1
         shift -= 1
     return m, shift
@@ -47,6 +49,8 @@ def dyadic_common_shift(ratios: list[float], m_bits: int = M_BITS) -> tuple[list
     shift = min(max(m_bits - exponent, 0), MAX_SHIFT)
     ms = [int(Fraction(r) * (1 << shift) + Fraction(1, 2)) for r in ratios]
     if max(ms) >= (1 << m_bits):
+        if shift == 0:  # a ratio >= 2**m_bits - 1/2 cannot be held in m_bits bits
+            raise ValueError(f"requantization ratios {ratios!r} need more than {m_bits} integer bits")
         shift -= 1
         ms = [int(Fraction(r) * (1 << shift) + Fraction(1, 2)) for r in ratios]
     return ms, shift

@@ -12,6 +12,8 @@ shift.
 """
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
@@ -84,11 +86,47 @@ def _conv_fake_shape(x: Tensor, w: Tensor, stride, padding, dilation, groups: in
 # quantize: the input quantizer, the one float->int boundary of the graph
 
 
+def _div_round_half_up(x: Tensor, scale: float) -> Tensor:
+    """``floor(x / scale + 1/2)`` of the exact quotient, as float64 integers (``scale > 0``).
+
+    ``floor(x / scale + 0.5)`` in float64 rounds twice: the ``+ 0.5`` can round
+    up (0.49999999999999994 -> 1) and the quotient can round onto a half-integer
+    that the exact quotient lies just below. Here the float64 quotient ``t`` is
+    compared with ``h = floor(t) + 1/2`` exactly; only when ``t == h`` can the exact
+    quotient be on either side of ``h`` (``t`` is the float nearest to it), and
+    then the sign of ``x - h * scale`` decides, exactly.
+    """
+    x = x.to(torch.float64)
+    t = x / scale
+    k = torch.floor(t)
+    h = k + 0.5  # exact while |k| < 2**52; larger quotients are clamped anyway
+    q = k + (t > h).to(torch.float64)
+    tie = t == h
+    if bool(tie.any()):
+        xt, ht = x[tie], h[tie]
+        p = ht * scale  # correctly rounded h*scale: if x != p, x - h*scale has the sign of x - p
+        up = xt > p
+        same = xt == p
+        exact_product = math.frexp(scale)[0] == 0.5  # a power-of-two scale: p is h*scale exactly ...
+        same_idx = same.nonzero().flatten()
+        if same_idx.numel() and not (exact_product and bool((p[same].abs() >= _FLOAT64_MIN_NORMAL).all())):
+            fs = Fraction(scale)  # ... otherwise decide the rare x == fl(h*scale) cases in rationals
+            for i in same_idx.tolist():
+                up[i] = Fraction(xt[i].item()) >= Fraction(ht[i].item()) * fs
+        else:
+            up = up | same
+        q[tie] = k[tie] + up.to(torch.float64)
+    return q
+
+
+_FLOAT64_MIN_NORMAL = 2.2250738585072014e-308
+
+
 @torch.library.custom_op("qpipe::quantize", mutates_args=())
 def quantize(x: Tensor, scale: float, bits: int) -> Tensor:
-    """Symmetric per-tensor quantizer: ``clamp(floor(x / scale + 1/2))``."""
+    """Symmetric per-tensor quantizer: ``clamp(floor(x / scale + 1/2))``, exact in the float64 values."""
     hi = (1 << (bits - 1)) - 1
-    q = torch.floor(x.to(torch.float64) / scale + 0.5).clamp(-hi, hi)
+    q = _div_round_half_up(x, scale).clamp(-hi, hi)
     return q.to(dtype_for_bits(bits))
 
 

@@ -39,16 +39,30 @@ def _observer_of(gm: GraphModule, node: Node) -> Node | None:
     return None
 
 
-def _out_qparams(gm: GraphModule, node: Node) -> tuple[float, int, Node | None]:
-    """(scale, bits, activation-node-or-None) that ``node``'s integer output must have."""
+def _out_observer(gm: GraphModule, node: Node) -> tuple[Node, Node | None]:
+    """The observer whose scale ``node``'s integer output takes, and the activation folded in (if any)."""
+    act = None
     if node.meta.get(QPOLICY, {}).get("out") == "after-activation":
         act = users_through(node, TRANSPARENT)[0]
         obs = _observer_of(gm, act)
-        return obs.meta[QPARAMS]["scale"], int(obs.meta[QPOLICY]["bits"]), act
-    obs = _observer_of(gm, node)
-    if obs is None:
-        raise QpipeError(f"{source_name(node)} has no observer: run insert-observers and a calibrate pass first")
-    return obs.meta[QPARAMS]["scale"], int(obs.meta[QPOLICY]["bits"]), None
+    else:
+        obs = _observer_of(gm, node)
+    if obs is None or "scale" not in obs.meta.get(QPARAMS, {}):
+        raise QpipeError(f"{source_name(node)} has no calibrated observer: run insert-observers and a calibrate pass first")
+    return obs, act
+
+
+def _out_qparams(gm: GraphModule, node: Node) -> tuple[float, int, Node | None]:
+    """(scale, bits, activation-node-or-None) that ``node``'s integer output must have."""
+    obs, act = _out_observer(gm, node)
+    return obs.meta[QPARAMS]["scale"], int(obs.meta[QPOLICY]["bits"]), act
+
+
+def _calibration_facts(gm: GraphModule, node: Node) -> dict:
+    """What calibration measured at this output (kept for inspection after observers go)."""
+    obs, _ = _out_observer(gm, node)
+    facts = obs.meta[QPARAMS]
+    return {k: facts[k] for k in ("saturation", "amax") if k in facts}
 
 
 def _quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +115,8 @@ class _Substitution:
             return
         scale = obs.meta[QPARAMS]["scale"]
         bits = int(obs.meta[QPOLICY]["bits"])
-        qn = self.emit(obs.next, q.quantize.default, (node, float(scale), bits), node, {"scale": scale, "bits": bits})
+        facts = {k: obs.meta[QPARAMS][k] for k in ("saturation", "amax") if k in obs.meta[QPARAMS]}
+        qn = self.emit(obs.next, q.quantize.default, (node, float(scale), bits), node, {"scale": scale, "bits": bits, **facts})
         self.int_of[node] = qn
         self.int_of[obs] = qn
         self.scale_of[qn], self.bits_of[qn] = scale, bits
@@ -120,7 +135,7 @@ class _Substitution:
         s = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
         m_node = self.const(f"{node.name}_m", m, before)
         s_node = self.const(f"{node.name}_s", s, before)
-        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, "m": m.tolist(), "s": s.tolist()}
+        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, "m": m.tolist(), "s": s.tolist(), **_calibration_facts(self.gm, node)}
         rq = self.emit(before, q.requant.default, (acc, m_node, s_node, channel_dim, lo, hi, bits), node, qp)
         self.int_of[node] = rq
         if act is not None:
@@ -181,7 +196,7 @@ class _Substitution:
             lo = max(lo, math.ceil(a_lo / out_scale - 0.5)) if math.isfinite(a_lo) else lo
             hi = min(hi, math.floor(a_hi / out_scale + 0.5)) if math.isfinite(a_hi) else hi
         (ma, mb), s = dyadic_common_shift([self.scale_of[ai] / out_scale, self.scale_of[bi] / out_scale])
-        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, "ma": ma, "mb": mb, "s": s}
+        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, "ma": ma, "mb": mb, "s": s, **_calibration_facts(self.gm, node)}
         out = self.emit(self.anchor(node), q.add_requant.default, (ai, bi, ma, mb, s, lo, hi, bits), node, qp)
         self.int_of[node] = out
         if act is not None:

@@ -1,0 +1,188 @@
+"""The Python API: load a model, run a pipeline, save, transcribe.
+
+    import qpipe.api as qp
+    result = qp.quantize("model.nemo", passes="default", output="out/")
+    print(qp.transcribe("out/", ["a.wav"]))
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch.fx import GraphModule
+
+from qpipe.frontends.model import FloatModel
+from qpipe.ir.errors import QpipeError
+from qpipe.ir.passes import Instrumentation, PipelineRun, load_pass_file, parse_pipeline, run_pipeline, check_stages
+from qpipe.ir.stages import Stage, graph_stage
+
+ModelLike = Union[str, FloatModel, torch.nn.Module, "torch.export.ExportedProgram"]
+
+
+def _builtin_passes() -> None:
+    import qpipe.passes  # noqa: F401  (registers the built-in passes and 'default')
+
+
+def load_model(model: ModelLike, example_inputs: Optional[Sequence[torch.Tensor]] = None) -> FloatModel:
+    """A ``.nemo`` path, an ``nn.Module`` (with example inputs) or an ExportedProgram -> FloatModel."""
+    if isinstance(model, FloatModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from qpipe.frontends.nemo import load_nemo
+
+        return load_nemo(str(model))
+    if isinstance(model, torch.export.ExportedProgram):
+        from qpipe.frontends.torch import from_exported_program
+
+        return from_exported_program(model, example_inputs)
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise QpipeError("an nn.Module needs example_inputs")
+        from qpipe.frontends.torch import from_module
+
+        return from_module(model, example_inputs)
+    raise QpipeError(f"cannot load a model from {type(model).__name__}")
+
+
+@dataclass
+class QuantizeResult:
+    gm: GraphModule
+    float_gm: GraphModule
+    float_model: FloatModel
+    run: PipelineRun
+    report: str
+    metrics: dict[str, Any]
+    output: Optional[str] = None
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    ref = reference.to(torch.float64)
+    err = ((ref - test.to(torch.float64)) ** 2).sum()
+    sig = (ref**2).sum()
+    if err == 0:
+        return float("inf")
+    return float(10 * torch.log10(sig / err))
+
+
+def compare_outputs(float_gm: GraphModule, int_gm: GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, float]:
+    """SQNR of the integer model's log-probabilities against the float model's, and argmax agreement."""
+    scale = float(int_gm.meta.get("qpipe_outputs", [{"scale": 1.0}])[0]["scale"])
+    sq, agree = [], []
+    with torch.no_grad():
+        for x in inputs:
+            ref = torch.log_softmax(float_gm(x).to(torch.float64), dim=-1)
+            q = torch.log_softmax(int_gm(x).to(torch.float64) * scale, dim=-1)
+            sq.append(sqnr_db(ref, q))
+            agree.append(float((ref.argmax(-1) == q.argmax(-1)).float().mean()))
+    finite = [s for s in sq if math.isfinite(s)]
+    return {
+        "logprob_sqnr_db": round(sum(finite) / len(finite), 2) if finite else float("inf"),
+        "argmax_agreement": round(sum(agree) / len(agree), 4),
+    }
+
+
+def _param_bytes(gm: GraphModule) -> int:
+    return sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
+
+
+def quantize(
+    model: ModelLike,
+    passes: str = "default",
+    output: Optional[str] = None,
+    *,
+    example_inputs: Optional[Sequence[torch.Tensor]] = None,
+    load: Sequence[str] = (),
+    instrument: Optional[Instrumentation] = None,
+    progress: bool = True,
+    force: bool = False,
+    log: Callable[[str], None] = lambda msg: None,
+) -> QuantizeResult:
+    """Run ``passes`` on ``model``; with ``output``, write the artifact atomically."""
+    _builtin_passes()
+    for path in load:
+        load_pass_file(path)
+    pipeline = parse_pipeline(passes)  # fail on a bad pipeline before loading anything slow
+    if not isinstance(model, FloatModel):
+        check_stages(pipeline, Stage.FLOAT)
+    if output and os.path.exists(output) and not force and not (os.path.isdir(output) and not os.listdir(output)):
+        raise QpipeError(f"output {output} already exists (use --force to replace it)")
+    started = time.perf_counter()
+    fm = load_model(model, example_inputs)
+    check_stages(pipeline, graph_stage(fm.gm))
+    load_s = time.perf_counter() - started
+    float_gm = copy.deepcopy(fm.gm)
+    state = fm.pipeline_state()
+    run = run_pipeline(fm.gm, pipeline, state=state, instrument=instrument, progress=progress, log=log)
+    gm = run.gm
+    metrics: dict[str, Any] = {"load_seconds": round(load_s, 2), "pipeline_seconds": round(sum(r.seconds for r in run.records), 2)}
+    metrics["float_mb"] = round(_param_bytes(float_gm) / 2**20, 3)
+    metrics["final_mb"] = round(_param_bytes(gm) / 2**20, 3)
+    calib = state.get("calibration_inputs")
+    if str(graph_stage(gm)) == "integer" and calib:
+        metrics.update(compare_outputs(float_gm, gm, calib[:2]))
+    report = format_report(fm, run, metrics)
+    result = QuantizeResult(gm, float_gm, fm, run, report, metrics)
+    if output:
+        if str(graph_stage(gm)) != "integer":
+            raise QpipeError(f"-o needs an integer graph, but the pipeline ends at the {graph_stage(gm)} stage")
+        from qpipe.artifact import SaveRecord, save
+
+        record = SaveRecord(
+            pipeline=run.pipeline.full_string(),
+            passes=[
+                {"name": r.name, "step": r.step, "seconds": round(r.seconds, 3), "modified": r.modified, "stats": r.stats}
+                for r in run.records
+            ],
+            source=fm.source,
+            kind=fm.kind,
+            preprocessor=fm.preprocessor,
+            vocabulary=fm.vocabulary,
+            time_dim=fm.time_dim,
+            time_multiple=fm.time_multiple,
+            input_shape=list(fm.input_shape),
+            extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load]},
+        )
+        result.output = save(output, gm, record, fm.example_inputs[0], report, force=force)
+    return result
+
+
+def format_report(fm: FloatModel, run: PipelineRun, metrics: dict[str, Any]) -> str:
+    lines = [
+        f"qpipe report: {fm.source or fm.kind}",
+        f"model: {fm.kind}, {fm.info.get('parameters', '?')} parameters, input {list(fm.input_shape)} (time axis dynamic)",
+        f"pipeline: {run.pipeline}",
+        "",
+        "pass                       seconds  changed  stats",
+    ]
+    for r in run.records:
+        stats = " ".join(f"{k}={v}" for k, v in r.stats.items())
+        lines.append(f"{r.name:<26} {r.seconds:7.2f}  {'yes' if r.modified else 'no':<7}  {stats}")
+    lines.append("")
+    lines.append(f"weights+constants: {metrics['float_mb']} MB float -> {metrics['final_mb']} MB")
+    if "logprob_sqnr_db" in metrics:
+        lines.append(
+            f"on the calibration inputs: log-prob SQNR {metrics['logprob_sqnr_db']} dB, "
+            f"argmax agreement {metrics['argmax_agreement'] * 100:.2f}%"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str]) -> list[str]:  # noqa: F821
+    """Float mel features -> integer graph -> greedy CTC on integer logits."""
+    from qpipe.artifact import QuantizedModel, load
+    from qpipe.decode import greedy_ctc
+    from qpipe.frontends.audio import Featurizer
+
+    qm = model if isinstance(model, QuantizedModel) else load(str(model))
+    featurizer = Featurizer(qm.meta.get("preprocessor"))
+    vocab = qm.meta.get("vocabulary") or []
+    texts = []
+    for path in audio_paths:
+        feats = featurizer.file(path)
+        texts.append(greedy_ctc(qm.logits_int(feats), vocab)[0])
+    return texts

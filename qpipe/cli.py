@@ -1,0 +1,160 @@
+"""Command line: ``qpipe [run] MODEL --passes P -o OUT``, ``transcribe``, ``inspect``, ``diff``, ``eval``.
+
+Argument handling only; the work is in ``qpipe.api``, ``qpipe.inspect`` and
+``qpipe.evaluate``. A QpipeError becomes one ``qpipe: error: ...`` line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from qpipe import __version__
+from qpipe.ir.errors import QpipeError
+
+SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qpipe",
+        description="Quantize a speech recognition model to integer-only INT8 with no real data.",
+        epilog="other commands: qpipe transcribe|inspect|diff|eval --help",
+    )
+    p.add_argument("model", nargs="?", help="a .nemo CTC model")
+    p.add_argument("--passes", default="default", help="pipeline string, e.g. 'default' or 'fold-bn,insert-observers{act=minmax},...'")
+    p.add_argument("-o", "--output", help="write the integer model to this folder")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--load", action="append", default=[], metavar="FILE", help="load passes from a Python file (repeatable)")
+    p.add_argument("--list-passes", action="store_true", help="list registered passes and named pipelines")
+    p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    p.add_argument("--print-after-change", action="store_true", help="print the IR after passes that changed it")
+    p.add_argument("--print-diff", action="store_true", help="print a unified diff of the IR after every pass")
+    p.add_argument("--dump-dir", help="write the IR after every pass to DIR/NNN_pass.txt")
+    p.add_argument("--no-verify", action="store_true", help="skip the verifier between passes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-pass log")
+    p.add_argument("--version", action="version", version=f"qpipe {__version__}")
+    return p
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    from qpipe.api import _builtin_passes
+    from qpipe.ir.passes import Instrumentation, list_passes, load_pass_file, named_pipelines
+
+    _builtin_passes()
+    if args.list_passes:
+        for path in args.load:
+            load_pass_file(path)
+        for spec in list_passes():
+            needs = str(spec.needs) if spec.needs is not None else "any"
+            leaves = str(spec.leaves) if spec.leaves is not None else "same"
+            print(f"{spec.name:<22} {needs:>10} -> {leaves:<10} {spec.summary}")
+            if spec.options:
+                print(" " * 23 + "options: " + ", ".join(f"{k}={v}" for k, v in spec.options.items()))
+        for name, text in sorted(named_pipelines().items()):
+            print(f"pipeline {name}: {text}")
+        return 0
+    if not args.model:
+        raise QpipeError("no model given (usage: qpipe MODEL.nemo --passes default -o OUT)")
+    from qpipe.api import quantize
+
+    instrument = Instrumentation(
+        print_after_all=args.print_after_all,
+        print_after_change=args.print_after_change,
+        print_diff=args.print_diff,
+        dump_dir=args.dump_dir,
+        verify_each=not args.no_verify,
+        write=sys.stdout.write,
+    )
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    result = quantize(
+        args.model,
+        passes=args.passes,
+        output=args.output,
+        load=args.load,
+        instrument=instrument,
+        progress=not args.quiet,
+        force=args.force,
+        log=log,
+    )
+    sys.stdout.write(result.report)
+    if result.output:
+        print(f"wrote {result.output}")
+    return 0
+
+
+def cmd_transcribe(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph, greedy CTC).")
+    p.add_argument("model", help="an output folder written by qpipe -o")
+    p.add_argument("audio", nargs="+", help="audio files (wav/flac; resampled to the model's rate)")
+    args = p.parse_args(argv)
+    from qpipe.api import transcribe
+
+    for path, text in zip(args.audio, transcribe(args.model, args.audio)):
+        print(f"{path}\t{text}")
+    return 0
+
+
+def cmd_inspect(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="qpipe inspect", description="Per-layer table: op, shapes, bits, scales, saturation.")
+    p.add_argument("target", help="an output folder, a .nemo model, or an IR dump (.txt)")
+    p.add_argument("--passes", help="for a model: run this pipeline first (e.g. default)")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    args = p.parse_args(argv)
+    from qpipe.inspect import facts_from_path, inspect_json, render_inspect, write_json
+
+    facts = facts_from_path(args.target, args.passes, progress=True)
+    render_inspect(facts)
+    if args.json:
+        write_json(args.json, inspect_json(facts))
+    return 0
+
+
+def cmd_diff(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="qpipe diff", description="Which nodes two graphs add, remove or change.")
+    p.add_argument("a", help="output folder or IR dump (.txt) from --dump-dir")
+    p.add_argument("b")
+    p.add_argument("--text", action="store_true", help="also print a unified diff of the printed IR")
+    p.add_argument("--json", metavar="PATH", help="also write the diff as JSON")
+    args = p.parse_args(argv)
+    from qpipe.inspect import diff_facts, facts_from_path, render_diff, text_diff, write_json
+
+    for path in (args.a, args.b):
+        if not os.path.exists(path):
+            raise QpipeError(f"no such file or folder: {path}")
+    a, b = facts_from_path(args.a), facts_from_path(args.b)
+    d = diff_facts(a, b)
+    render_diff(d)
+    if args.text:
+        sys.stdout.write(text_diff(a, b))
+    if args.json:
+        write_json(args.json, d)
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    from qpipe.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "run"
+    if argv and argv[0] in SUBCOMMANDS:
+        command = argv.pop(0)
+    handler = {"run": cmd_run, "transcribe": cmd_transcribe, "inspect": cmd_inspect, "diff": cmd_diff, "eval": cmd_eval}[command]
+    try:
+        return handler(argv)
+    except QpipeError as exc:
+        print(f"qpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
