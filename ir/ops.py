@@ -101,7 +101,7 @@ def _div_round_half_up(x: Tensor, scale: float) -> Tensor:
     k = torch.floor(t)
     h = k + 0.5  # exact while |k| < 2**52; larger quotients are clamped anyway
     q = k + (t > h).to(torch.float64)
-    tie = t == h
+    tie = (t == h) & torch.isfinite(t)  # an infinite quotient saturates in the clamp
     if bool(tie.any()):
         xt, ht = x[tie], h[tie]
         p = ht * scale  # correctly rounded h*scale: if x != p, x - h*scale has the sign of x - p

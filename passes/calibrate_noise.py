@@ -24,10 +24,10 @@ def calibrate_noise(gm: GraphModule, ctx: PassContext) -> PassResult:
     o = ctx.options
     kind = str(o["kind"])
     if kind == "gaussian":
-        shape = input_shape(ctx.state, int(o["batch"]), int(o["length"]))
+        shape = input_shape(gm, ctx.state, int(o["batch"]), int(o["length"]))
         x = torch.randn(shape, generator=torch.Generator().manual_seed(int(o["seed"])))
     elif kind == "zeros":
-        x = torch.zeros(input_shape(ctx.state, 1, int(o["length"])))
+        x = torch.zeros(input_shape(gm, ctx.state, 1, int(o["length"])))
     else:
         raise QpipeError(f"calibrate-noise: kind must be gaussian or zeros, not '{kind}'")
     stats = calibrate_from_batches(gm, [x], f"noise:{kind}")

@@ -96,7 +96,7 @@ def calibrate_synthetic(gm: GraphModule, ctx: PassContext) -> PassResult:
     o = ctx.options
     if o["batch"] < 1 or o["batches"] < 1 or o["steps"] < 0 or o["length"] < 2 or o["lr"] <= 0:
         raise QpipeError("calibrate-synthetic: batch, batches >= 1, steps >= 0, length >= 2, lr > 0")
-    shape = input_shape(ctx.state, int(o["batch"]), int(o["length"]))
+    shape = input_shape(gm, ctx.state, int(o["batch"]), int(o["length"]))
     data, firsts, lasts = [], [], []
     for b in range(int(o["batches"])):
         x, first, last = distill(gm, shape, int(o["steps"]), float(o["lr"]), float(o["init"]), int(o["seed"]) + b, ctx.progress)

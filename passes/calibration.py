@@ -67,10 +67,20 @@ def calibrate_from_batches(gm: GraphModule, batches: Iterable[torch.Tensor], sou
     }
 
 
-def input_shape(ctx_state: dict, batch: int, length: int) -> tuple[int, ...]:
-    """The (batch, features, time) shape for calibration inputs, time rounded to the model's multiple."""
-    shape = list(ctx_state.get("input_shape") or (1, 64, length))
-    time_dim = ctx_state.get("time_dim", 2)
+def input_shape(gm: GraphModule, ctx_state: dict, batch: int, length: int) -> tuple[int, ...]:
+    """The (batch, features, time) shape for calibration inputs, time rounded to the model's multiple.
+
+    Taken from the frontend's example input when known, else from the graph's
+    first input (its symbolic batch and time dimensions replaced).
+    """
+    shape = ctx_state.get("input_shape")
+    if shape is None:
+        val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ValueError("cannot tell the model's input shape; give the frontend an example input")
+        shape = [d if isinstance(d, int) else 1 for d in val.shape]
+    shape = list(shape)
+    time_dim = ctx_state.get("time_dim", len(shape) - 1)
     multiple = int(ctx_state.get("time_multiple", 1) or 1)
     shape[0] = batch
     if time_dim is not None:

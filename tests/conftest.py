@@ -1,0 +1,64 @@
+"""Test set-up: import qpipe from this checkout, small shared models."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import qpipe.passes  # noqa: E402,F401  (registers built-in passes)
+
+
+class TinyASR(torch.nn.Module):
+    """QuartzNet's building blocks at toy size: separable conv+BN+ReLU, a residual block, a CTC head."""
+
+    def __init__(self, features: int = 8, channels: int = 12, classes: int = 6):
+        super().__init__()
+        self.dw = torch.nn.Conv1d(features, features, 5, padding=2, groups=features, bias=False)
+        self.pw = torch.nn.Conv1d(features, channels, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm1d(channels)
+        self.conv2 = torch.nn.Conv1d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm1d(channels)
+        self.res = torch.nn.Conv1d(channels, channels, 1, bias=False)
+        self.bn_res = torch.nn.BatchNorm1d(channels)
+        self.head = torch.nn.Conv1d(channels, classes, 1, bias=True)
+        self.dropout = torch.nn.Dropout(0.1)
+        gen = torch.Generator().manual_seed(0)
+        for bn in (self.bn1, self.bn2, self.bn_res):
+            c = bn.num_features
+            bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+            bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            bn.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            bn.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(torch.relu(self.bn1(self.pw(self.dw(x)))))
+        y = torch.relu(self.bn2(self.conv2(h)) + self.bn_res(self.res(h)))
+        return torch.log_softmax(self.head(y).transpose(1, 2), dim=-1)
+
+
+@pytest.fixture
+def tiny_float_model():
+    from qpipe.frontends.torch import from_module
+
+    torch.manual_seed(0)
+    module = TinyASR().eval()
+    return from_module(module, (torch.randn(2, 8, 32),))
+
+
+FAST_CALIBRATION = "calibrate-synthetic{steps=20,batch=4,length=48,lr=0.05}"
+FAST_PIPELINE = f"fold-bn,insert-observers,{FAST_CALIBRATION},substitute-int-ops,fuse-requant,eliminate-dead-float"
+
+
+@pytest.fixture(scope="session")
+def nemo_tiny_path(tmp_path_factory):
+    pytest.importorskip("nemo")
+    from qpipe.frontends.nemo_configs import build_random_nemo
+
+    path = tmp_path_factory.mktemp("nemo") / "quartznet_tiny.nemo"
+    return str(build_random_nemo("quartznet_tiny", str(path), seed=1))
