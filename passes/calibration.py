@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from torch.fx import GraphModule, Node
 
-from qpipe.ir.meta import QPARAMS
+from qpipe.ir.meta import QPARAMS, QPOLICY
 from qpipe.ir.observer import ActObserver
 
 
@@ -37,7 +37,11 @@ def calibrate_from_batches(gm: GraphModule, batches: Iterable[torch.Tensor], sou
     """
     batches = list(batches)
     obs = observer_nodes(gm)
-    for _, mod in obs:
+    for node, mod in obs:  # the node's policy is the truth; a user pass may have changed it
+        policy = node.meta.get(QPOLICY, {})
+        mod.bits = int(policy.get("bits", mod.bits))
+        mod.method = str(policy.get("method", mod.method))
+        mod.percentile = float(policy.get("percentile", 100.0 if mod.method == "minmax" else mod.percentile))
         mod.reset()
         mod.recording, mod.counting_scale = True, None
     for x in batches:

@@ -181,7 +181,7 @@ def _quantized_candidate(path: str) -> Candidate:
         preprocessor=qm.meta["preprocessor"],
         vocabulary=list(qm.meta["vocabulary"]),
         forward=qm.logits_int,
-        info={"pipeline": qm.meta.get("pipeline"), "source": qm.meta.get("source", {}), "_qm": qm},
+        info={"pipeline": qm.meta.get("pipeline"), "source": qm.meta.get("source", {}), "_qm": qm, "given": os.path.normpath(path)},
     )
 
 
@@ -206,7 +206,7 @@ def _unique_names(cands: list[Candidate]) -> None:
         seen[c.name] = n + 1
     for c in cands:
         if seen[c.name] > 1:
-            c.name = os.path.relpath(c.path) if c.kind == "quantized" else c.path
+            c.name = c.info.get("given", c.path)
     names = [c.name for c in cands]
     for i, c in enumerate(cands):
         if names.count(c.name) > 1:
@@ -226,7 +226,7 @@ class Utterance:
 
 def _check_inputs(entries: list[dict[str, Any]], manifest: str) -> None:
     for i, item in enumerate(entries, 1):
-        if not isinstance(item.get("text", ""), str):
+        if not isinstance(item.get("text") or "", str):
             raise QpipeError(f"{manifest}: entry {i} has a non-text 'text' field")
         if not os.path.isfile(item["audio_filepath"]):
             raise QpipeError(f"{manifest}: entry {i}: no such audio file: {item['audio_filepath']}")
@@ -251,8 +251,12 @@ def evaluate(
     # Cheap checks first (qpipe.json, the .nemo's config), then the slow loads.
     quantized = [_quantized_candidate(p) for p in out_paths]
     if float_path is not None:
+        import tarfile
+
         from qpipe.frontends.nemo import check_supported, read_nemo_config
 
+        if os.path.isfile(float_path) and not tarfile.is_tarfile(float_path):
+            raise QpipeError(f"{float_path} is not a .nemo file (not a tar archive)")
         check_supported(float_path, read_nemo_config(float_path))
     cands: list[Candidate] = ([_float_candidate(float_path)] if float_path is not None else []) + quantized
     for c in quantized:
@@ -285,7 +289,8 @@ def evaluate(
     warmed = False
     for item in tqdm(entries, desc="eval", unit="utt", disable=not progress, file=sys.stderr, dynamic_ncols=True):
         path = item["audio_filepath"]
-        utt = Utterance(path, item.get("text", ""), normalize_text(item.get("text", "")))
+        text = item.get("text") or ""
+        utt = Utterance(path, text, normalize_text(text))
         audio_cache: dict[int, Any] = {}
         for featurizer, members in featurizers:
             sr = featurizer.sample_rate
@@ -304,10 +309,10 @@ def evaluate(
                 c.feature_seconds += feature_s
                 started = time.perf_counter()
                 logits = c.forward(features)
-                text = _greedy(logits, c.vocabulary)
+                hyp = _greedy(logits, c.vocabulary)
                 c.model_seconds += time.perf_counter() - started
-                c.hypotheses.append(text)
-                c.counts.append(error_counts(utt.reference, text, normalize=True))
+                c.hypotheses.append(hyp)
+                c.counts.append(error_counts(utt.reference, hyp, normalize=True))
         warmed = True
         utterances.append(utt)
     return _result(cands, utterances, manifest, float_path is not None)
@@ -351,7 +356,7 @@ def _result(cands: list[Candidate], utts: list[Utterance], manifest: str, has_fl
         if c.kind == "quantized":
             row["pipeline"] = c.info.get("pipeline")
         else:
-            row.update({k: v for k, v in c.info.items() if not k.startswith("_")})
+            row.update({k: v for k, v in c.info.items() if not k.startswith("_") and k != "given"})
         rows.append(row)
     per_utt = []
     for i, u in enumerate(utts):
@@ -390,11 +395,12 @@ def _fmt(x: Optional[float], spec: str = ".2f", signed: bool = False) -> str:
 
 def render_table(result: dict[str, Any], console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     has_float = any(r["kind"] == "float" for r in result["models"])
-    table = Table(title=f"qpipe eval: {os.path.basename(result['manifest'])}")
+    table = Table(title=f"qpipe eval: {escape(os.path.basename(result['manifest']))}")
     table.add_column("model", overflow="fold")
     table.add_column("WER %", justify="right")
     table.add_column("CER %", justify="right")
@@ -403,7 +409,7 @@ def render_table(result: dict[str, Any], console=None) -> None:
     table.add_column("RTF", justify="right")
     table.add_column("utterances", justify="right")
     for r in result["models"]:
-        cells = [f"{r['name']} ({r['kind']})", _fmt(r["wer"]), _fmt(r["cer"])]
+        cells = [f"{escape(r['name'])} ({r['kind']})", _fmt(r["wer"]), _fmt(r["cer"])]
         if has_float:
             cells.append("" if r["kind"] == "float" else _fmt(r["delta_wer"], signed=True))
         cells += [_fmt(r["rtf"], ".4f"), str(r["utterances"])]
@@ -463,7 +469,8 @@ def render_utterances(result: dict[str, Any], only_differences: bool, console=No
         console.print(Text(f"  {'reference':<{width}}  ") + Text(u["reference"]))
         for n in names:
             line = Text(f"  {n:<{width}}  ") + _marked(u["hypotheses"][n], u["reference"])
-            line.append(f"  ({u['word_errors'][n]} word errors)", style="dim")
+            errors = u["word_errors"][n]
+            line.append(f"  ({errors} word error{'' if errors == 1 else 's'})", style="dim")
             console.print(line)
     if only_differences:
         what = "hypotheses differ" if len(names) > 1 else "the hypothesis differs from the reference"

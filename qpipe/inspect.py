@@ -117,11 +117,19 @@ def layer_rows(facts: GraphFacts) -> list[dict[str, Any]]:
     return out
 
 
-def render_inspect(facts: GraphFacts, console=None) -> None:
+def make_console():
+    """A rich console; piped output gets a wide fixed width so tables do not fold."""
+    import sys
+
     from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
+def render_inspect(facts: GraphFacts, console=None) -> None:
     from rich.table import Table
 
-    console = console or Console()
+    console = console or make_console()
     table = Table(title=f"{facts.label} ({facts.stage} stage)", show_lines=False)
     for col in ("node", "op", "out", "bits", "in scale", "w scale", "out scale", "saturated", "from"):
         table.add_column(col, overflow="fold")
@@ -188,9 +196,7 @@ def text_diff(a: GraphFacts, b: GraphFacts) -> str:
 
 
 def render_diff(d: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-
-    console = console or Console()
+    console = console or make_console()
     console.print(f"[bold]{d['a']}[/] ({d['a_stage']}) -> [bold]{d['b']}[/] ({d['b_stage']})")
     console.print(f"{len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed")
     for r in d["removed"]:

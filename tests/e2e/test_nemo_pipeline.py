@@ -1,0 +1,165 @@
+"""End to end on NeMo models built from their configs: CLI, artifact, reload, transcribe."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from torch.testing import FileCheck
+
+from conftest import FAST_CALIBRATION, FAST_PIPELINE, ROOT
+
+pytestmark = pytest.mark.nemo
+QPIPE = [sys.executable, os.path.join(ROOT, "tools", "qpipe")]
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run(QPIPE + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qpipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_cli_quantizes_saves_reloads_and_transcribes(nemo_tiny_path, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(nemo_tiny_path, "--passes", FAST_PIPELINE, "-o", out, "--quiet")
+    assert "eliminate-dead-float" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert sorted(os.listdir(out)) == ["ir.txt", "model.pt2", "qpipe.json", "report.txt"]
+    meta = json.loads((out / "qpipe.json").read_text())
+    assert meta["pipeline"].startswith("calibrate-synthetic") is False
+    assert "calibrate-synthetic{batch=4,batches=1,init=0.3,length=48,lr=0.05,seed=0,steps=20}" in meta["pipeline"]
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["vocabulary"][0] == " " and len(meta["vocabulary"]) == 28
+    assert meta["outputs"][0]["bits"] == 16
+    assert meta["metrics"]["logprob_sqnr_db"] > 20
+    # the printed integer IR: an input quantizer, then qpipe ops only
+    FileCheck().check("qpipe.quantize(%features").check("qpipe.conv1d_rq").check("qpipe.add_requant") \
+        .check_not("aten.conv1d").check_not("aten.relu").check_not("aten.add").check_not("f32[").check("return").run((out / "ir.txt").read_text())
+
+    from qpipe.artifact import load
+
+    qm = load(str(out))
+    x = torch.randn(1, 64, 123)
+    logits = qm.logits_int(x)
+    assert logits.dtype == torch.int16 and logits.shape[0] == 1 and logits.shape[2] == 29
+
+    espeak = shutil.which("espeak-ng")
+    if espeak:
+        wav = tmp_path / "hello.wav"
+        subprocess.run([espeak, "-w", str(wav), "hello world"], check=True)
+        proc = run_cli("transcribe", out, wav)
+        assert proc.stdout.startswith(str(wav) + "\t")
+
+    insp = run_cli("inspect", out, "--json", tmp_path / "inspect.json")
+    assert "conv1d_rq" in insp.stdout
+    table = json.loads((tmp_path / "inspect.json").read_text())
+    sats = [r["saturation"] for r in table["layers"] if isinstance(r["saturation"], float)]
+    assert sats and all(0 <= s <= 1 for s in sats)
+
+
+def test_cli_dump_dir_and_diff_between_stages(nemo_tiny_path, tmp_path):
+    dump = tmp_path / "dump"
+    run_cli(nemo_tiny_path, "--passes", FAST_PIPELINE, "--dump-dir", dump, "--quiet")
+    names = sorted(os.listdir(dump))
+    assert names[0] == "000_input.txt" and names[-1] == "006_eliminate-dead-float.txt"
+    proc = run_cli("diff", dump / "004_substitute-int-ops.txt", dump / "005_fuse-requant.txt", "--json", tmp_path / "d.json")
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert any(r["op"] == "qpipe.conv1d_rq" for r in d["added"])
+    assert any(r["op"] == "qpipe.requant" for r in d["removed"])
+    assert "added" in proc.stdout
+
+
+def test_load_custom_pass_from_file(nemo_tiny_path, tmp_path):
+    example = os.path.join(ROOT, "examples", "set_bits.py")
+    pipeline = FAST_PIPELINE.replace("insert-observers,", "insert-observers,set-bits{match=encoder.1,bits=6},")
+    proc = run_cli(nemo_tiny_path, "--load", example, "--passes", pipeline, "--print-after-all", "--quiet")
+    assert "set-bits" in proc.stdout and "changed=" in proc.stdout
+    FileCheck().check("IR after set-bits").check("bits=6").check("IR after fuse-requant").check("qpipe.conv1d_rq").check("-31, 31, 6)").run(proc.stdout)
+    listed = run_cli("--load", example, "--list-passes")
+    assert "set-bits" in listed.stdout
+
+
+def _fake_nemo(path, target):
+    cfg = f"target: {target}\nencoder: {{}}\ndecoder: {{}}\n".encode()
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("./model_config.yaml")
+        info.size = len(cfg)
+        tar.addfile(info, io.BytesIO(cfg))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file"),
+        ("not_nemo", "is not a .nemo file"),
+        ("rnnt", "RNN-T"),
+        ("bad_pass", "unknown pass 'fold-bnn'"),
+        ("bad_stages", "stages don't fit"),
+        ("bad_option", "has no option"),
+    ],
+)
+def test_bad_input_one_line_error_and_nothing_written(case, message, tmp_path, nemo_tiny_path):
+    out = tmp_path / "out"
+    model, passes = nemo_tiny_path, "default"
+    if case == "missing":
+        model = tmp_path / "nope.nemo"
+    elif case == "not_nemo":
+        model = tmp_path / "notes.nemo"
+        model.write_text("just text")
+    elif case == "rnnt":
+        model = tmp_path / "rnnt.nemo"
+        _fake_nemo(model, "nemo.collections.asr.models.rnnt_models.EncDecRNNTModel")
+    elif case == "bad_pass":
+        passes = "fold-bnn,insert-observers"
+    elif case == "bad_stages":
+        passes = "fold-bn,calibrate-synthetic"
+    elif case == "bad_option":
+        passes = "fold-bn,insert-observers{bits=4}"
+    proc = run_cli(model, "--passes", passes, "-o", out, check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("qpipe: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".qpipe-tmp")]
+
+
+def test_existing_output_is_not_overwritten(nemo_tiny_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli(nemo_tiny_path, "-o", out, check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_quartznet_15x5_goes_integer_only(tmp_path):
+    """NeMo's QuartzNet 15x5 config (random weights, non-default BN): zero float ops after the quantizer."""
+    pytest.importorskip("nemo")
+    from qpipe.api import quantize
+    from qpipe.frontends.nemo_configs import build_random_nemo
+    from qpipe.ir import print_ir
+    from qpipe.ir.verifier import integer_region, integer_violations
+
+    path = build_random_nemo("quartznet_15x5", str(tmp_path / "qn15x5.nemo"))
+    fast = "calibrate-synthetic{steps=2,batch=1,length=64}"
+    result = quantize(path, passes=f"fold-bn,insert-observers,{fast},substitute-int-ops,fuse-requant,eliminate-dead-float", progress=False)
+    float_convs = sum(1 for n in result.float_gm.graph.nodes if "conv1d" in str(n.target))
+    assert float_convs == 171
+    assert integer_violations(result.gm) == []
+    text = print_ir(result.gm, include_params=False)
+    body = text.split("qpipe.quantize(", 1)[1]
+    FileCheck().check_count("qpipe.conv1d_rq", float_convs, exactly=True).check_not("f32[").check_not("aten.conv").run(body)
+    for line in body.splitlines()[1:]:
+        if line.startswith("%"):  # every op is a qpipe integer op or a view of integers
+            assert " = qpipe." in line or (" = aten.transpose" in line and ": i16[" in line), line
+    FileCheck().check_count("qpipe.add_requant", 15, exactly=True).run(body)
+    assert len(integer_region(result.gm)) > float_convs
+    assert result.run.records[-1].stats["float_ops"] == 0
