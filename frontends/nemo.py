@@ -43,7 +43,8 @@ def read_nemo_config(path: str) -> dict[str, Any]:
                 raise QpipeError(f"{path} is not a .nemo file (no model_config.yaml inside)")
             text = tar.extractfile(member).read().decode("utf-8")
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise QpipeError(f"{path} is not a .nemo file (not a tar archive: {exc})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QpipeError(f"{path} is not a .nemo file (not a tar archive: {reason})") from None
     import yaml
 
     try:
@@ -81,7 +82,7 @@ def quiet_nemo():
     for name in ("nemo_logger", "nemo", "lightning", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink):
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         try:
             from nemo.utils import logging as nemo_logging
 

@@ -83,7 +83,7 @@ def distill(gm: GraphModule, shape: tuple[int, ...], steps: int, lr: float, init
     "calibrate-synthetic",
     needs=Stage.OBSERVED,
     leaves=Stage.CALIBRATED,
-    options={"batch": 8, "batches": 1, "steps": 100, "length": 256, "lr": 0.05, "init": 0.3, "seed": 0},
+    options={"batch": 4, "batches": 1, "steps": 50, "length": 128, "lr": 0.1, "init": 0.3, "seed": 0},
 )
 def calibrate_synthetic(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Calibrate on synthetic inputs distilled to match the model's BatchNorm statistics (no data).
