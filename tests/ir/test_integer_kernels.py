@@ -440,6 +440,48 @@ def test_linear_acc_matches_python_dot_products(case):
     assert out.reshape(-1, out_f).tolist() == ref_linear(x_rows, w, bias)
 
 
+@st.composite
+def long_conv_case(draw):
+    """Reductions of > 1024 int8 products: sums pass 2**24, where float32 accumulation stops being exact."""
+    c_in = draw(st.integers(120, 160))
+    kernel = draw(st.integers(7, 9))
+    c_out = draw(st.integers(1, 2))
+    length = draw(st.integers(kernel, kernel + 2))
+    x = nest(draw(int8_values(c_in * length)), (1, c_in, length))
+    w = nest(draw(int8_values(c_out * c_in * kernel)), (c_out, c_in, kernel))
+    bias = draw(st.one_of(st.none(), st.lists(st.integers(-(2**30), 2**30), min_size=c_out, max_size=c_out)))
+    return x, w, bias, 1, 0, 1, 1
+
+
+@settings(max_examples=15, deadline=None, database=None)
+@given(case=long_conv_case())
+@example(case=([[[127] * 9] * 160], [[[127] * 9] * 160], [2**30], 1, 0, 1, 1))  # 2**30 + 160*9*127*127
+@example(case=([[[-128] * 9] * 160], [[[127] * 9] * 160], [-(2**30)], 1, 0, 1, 1))
+@example(case=([[[127, -127] * 4 + [127]] * 160], [[[127, -127] * 4 + [127]] * 160], None, 1, 0, 1, 1))
+def test_conv1d_acc_long_reduction_is_exact(case):
+    x, w, bias, stride, padding, dilation, groups = case
+    xt, wt, bt = conv_tensors(x, w, bias)
+    out = Q.conv1d_acc(xt, wt, bt, [stride], [padding], [dilation], groups, 32)
+    assert out.dtype == torch.int32
+    assert out.tolist() == ref_conv1d(x, w, bias, stride, padding, dilation, groups)
+
+
+@settings(max_examples=15, deadline=None, database=None)
+@given(in_f=st.integers(1030, 1500), out_f=st.integers(1, 3), rows=st.integers(1, 2), data=st.data())
+@example(in_f=1500, out_f=1, rows=1, data=None)
+def test_linear_acc_long_reduction_is_exact(in_f, out_f, rows, data):
+    if data is None:  # all extremes: 1500 * 127 * 127 + bias, odd and above 2**24
+        x_rows, w, bias = [[127] * in_f], [[127] * in_f], [2**30 + 1]
+    else:
+        x_rows = nest(data.draw(int8_values(rows * in_f)), (rows, in_f))
+        w = nest(data.draw(int8_values(out_f * in_f)), (out_f, in_f))
+        bias = data.draw(st.one_of(st.none(), st.lists(st.integers(-(2**30), 2**30), min_size=out_f, max_size=out_f)))
+    bt = None if bias is None else torch.tensor(bias, dtype=torch.int32)
+    out = Q.linear_acc(torch.tensor(x_rows, dtype=torch.int8), torch.tensor(w, dtype=torch.int8), bt, 32)
+    assert out.dtype == torch.int32
+    assert out.tolist() == ref_linear(x_rows, w, bias)
+
+
 # ---------------------------------------------------------------------------
 # 4. fused conv1d_rq / linear_rq == requant(acc) in Python ints
 
