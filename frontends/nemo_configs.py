@@ -95,7 +95,37 @@ def quartznet_tiny() -> dict[str, Any]:
     return _ctc_config(jasper, 64)
 
 
-CONFIGS = {"quartznet_15x5": quartznet_15x5, "jasper_10x5": jasper_10x5, "quartznet_tiny": quartznet_tiny}
+def conformer_tiny() -> dict[str, Any]:
+    """A 2-layer Conformer-CTC (char vocabulary, BatchNorm conv modules) for structure tests."""
+    cfg = _ctc_config([{"filters": 64}], 80)
+    cfg["encoder"] = {
+        "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+        "feat_in": 80,
+        "n_layers": 2,
+        "d_model": 64,
+        "subsampling": "striding",
+        "subsampling_factor": 4,
+        "subsampling_conv_channels": 64,
+        "ff_expansion_factor": 4,
+        "self_attention_model": "rel_pos",
+        "n_heads": 4,
+        "conv_kernel_size": 15,
+        "conv_norm_type": "batch_norm",
+        "dropout": 0.0,
+        "dropout_pre_encoder": 0.0,
+        "dropout_emb": 0.0,
+        "dropout_att": 0.0,
+    }
+    cfg["decoder"]["feat_in"] = 64
+    return cfg
+
+
+CONFIGS = {
+    "quartznet_15x5": quartznet_15x5,
+    "jasper_10x5": jasper_10x5,
+    "quartznet_tiny": quartznet_tiny,
+    "conformer_tiny": conformer_tiny,
+}
 
 
 def build_random_nemo(name: str, path: str, seed: int = 0) -> str:

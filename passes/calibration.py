@@ -77,13 +77,15 @@ def input_shape(gm: GraphModule, ctx_state: dict, batch: int, length: int) -> tu
     Taken from the frontend's example input when known, else from the graph's
     first input (its symbolic batch and time dimensions replaced).
     """
+    val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta.get("val")
     shape = ctx_state.get("input_shape")
     if shape is None:
-        val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta.get("val")
         if not isinstance(val, torch.Tensor):
             raise ValueError("cannot tell the model's input shape; give the frontend an example input")
         shape = [d if isinstance(d, int) else 1 for d in val.shape]
     shape = list(shape)
+    if isinstance(val, torch.Tensor) and isinstance(val.shape[0], int):
+        batch = val.shape[0]  # export fixed the batch size: calibrate with that one
     time_dim = ctx_state.get("time_dim", len(shape) - 1)
     multiple = int(ctx_state.get("time_multiple", 1) or 1)
     shape[0] = batch

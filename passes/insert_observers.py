@@ -17,6 +17,7 @@ from qpipe.passes.ops_table import (
     TAIL_OPS,
     TRANSPARENT,
     is_call,
+    unsupported_ops,
 )
 from qpipe.ir.graph_utils import users_through
 
@@ -67,6 +68,13 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
     activation, so ReLU outputs use all positive levels.
     """
     opts = ctx.options
+    missing = unsupported_ops(gm)
+    if missing:
+        listing = ", ".join(f"{op} x{n}" for op, n in missing.items())
+        raise QpipeError(
+            f"this model uses ops that have no integer kernel yet: {listing} "
+            "(qpipe quantizes convolutional CTC models today; attention, LayerNorm, SiLU/GLU are on the roadmap)"
+        )
     method, pct = parse_act_method(str(opts["act"]))
     out_method, out_pct = parse_act_method(str(opts["out_act"]))
     producers = _output_producers(gm)

@@ -46,3 +46,34 @@ def activation_bounds(node: Node) -> tuple[float, float]:
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     return (float("-inf") if lo is None else float(lo)), (float("inf") if hi is None else float(hi))
+
+
+SUPPORTED = CONV_OPS | LINEAR_OPS | ADD_OPS | ACTIVATION_OPS | DROPOUT_OPS | TAIL_OPS | LAYOUT_OPS
+
+
+def unsupported_ops(gm) -> dict[str, int]:
+    """Ops fed by the model input that have no integer kernel yet, with counts.
+
+    Shape arithmetic that does not depend on input values (sizes, aranges)
+    is not counted: it is not fed by a float tensor of the input.
+    """
+    from collections import Counter
+
+    from qpipe.ir.printer import target_name
+
+    fed: set = set()
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            fed.add(node)
+            continue
+        if node.op not in ("call_function", "call_module") or not any(a in fed for a in node.all_input_nodes):
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        fed.add(node)
+        if node.op == "call_module" or node.target in SUPPORTED:
+            continue
+        counts[target_name(node)] += 1
+    return dict(sorted(counts.items()))

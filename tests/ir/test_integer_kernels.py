@@ -160,12 +160,6 @@ def nest(flat, shape):
     return [nest(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
-def flatten(nested):
-    if not isinstance(nested, list):
-        return [nested]
-    return [v for item in nested for v in flatten(item)]
-
-
 # ---------------------------------------------------------------------------
 # 1. requant: dyadic rounding
 
@@ -598,7 +592,7 @@ def test_add_requant_matches_fraction(ops, params):
 @given(bits=st.sampled_from([8, 16]), sign=st.sampled_from([1, -1]), acc=st.integers(2**20, INT32_MAX), extra=st.integers(0, 5))
 def test_requant_saturates_exactly(bits, sign, acc, extra):
     lo, hi = restricted_range(bits)
-    # quotient acc * 2**30 / 2**(30 - extra... ) far beyond the range: must pin to +-hi, never wrap
+    # acc * 2**30 / 2**(30 - extra) = acc * 2**extra is far beyond the range: it must pin to lo / hi, never wrap
     m, s = 2**30, 30 - extra
     out = Q.requant(torch.tensor([sign * acc, 0, sign], dtype=torch.int32), torch.tensor(m), torch.tensor(s), 0, lo, hi, bits)
     assert out.dtype == OUT_DTYPE[bits]
