@@ -37,7 +37,7 @@ def test_options_are_typed_and_written_back():
     assert p.steps[1].options["a_bits"] == 6
     assert p.steps[2].options["lr"] == 0.5
     assert str(p) == "fold-bn,insert-observers{a_bits=6,act=minmax},calibrate-synthetic{lr=0.5,steps=3}"
-    assert "batch=8" in p.full_string()
+    assert "batch=4" in p.full_string()
 
 
 @pytest.mark.parametrize(
