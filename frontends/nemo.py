@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import tarfile
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -156,7 +157,9 @@ def load_nemo(path: str, example_time: int = 256, batch: int = 2) -> FloatModel:
         example = (torch.randn(batch, features, example_time),)
         from qpipe.frontends.torch import from_module
 
-        with typecheck.disable_checks(), torch.no_grad():
+        with typecheck.disable_checks(), torch.no_grad(), warnings.catch_warnings():
+            # NeMo's masked convs cache lengths as plain attributes; export warns about each
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             fm = from_module(
                 graph_module,
                 example,
