@@ -98,3 +98,12 @@ class Featurizer:
 def iter_features(featurizer: Featurizer, entries: list[dict[str, Any]]) -> Iterator[tuple[dict, torch.Tensor]]:
     for item in entries:
         yield item, featurizer.file(item["audio_filepath"])
+
+
+def make_featurizer(preprocessor_cfg: Optional[dict[str, Any]], featurizer_state: Optional[dict[str, Any]] = None):
+    """The NeMo-free featurizer when the model's front-end buffers are known, else NeMo's own."""
+    if featurizer_state:
+        from qpipe.frontends.mel import MelFeaturizer
+
+        return MelFeaturizer(featurizer_state)
+    return Featurizer(preprocessor_cfg)

@@ -29,6 +29,7 @@ class FloatModel:
     preprocessor: Optional[dict[str, Any]] = None
     vocabulary: Optional[list[str]] = None
     float_tail: Optional[str] = None
+    featurizer_state: Optional[dict[str, Any]] = None  # frontends.mel: the float front end without NeMo
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -45,4 +46,5 @@ class FloatModel:
             "source": self.source,
             "kind": self.kind,
             "preprocessor": self.preprocessor,
+            "featurizer_state": self.featurizer_state,
         }

@@ -169,6 +169,9 @@ def load_nemo(path: str, example_time: int = 256, batch: int = 2) -> FloatModel:
                 source=os.path.abspath(path),
             )
     fm.preprocessor = _plain(cfg.get("preprocessor"))
+    from qpipe.frontends.mel import mel_state_from_nemo
+
+    fm.featurizer_state = mel_state_from_nemo(model.preprocessor, int((fm.preprocessor or {}).get("sample_rate", 16000)))
     fm.vocabulary = vocabulary_of(model)
     fm.info["encoder"] = encoder_name
     fm.info["parameters"] = int(sum(p.numel() for p in graph_module.parameters()))

@@ -5,7 +5,7 @@ import random
 
 from torch.fx import GraphModule
 
-from qpipe.frontends.audio import Featurizer, read_manifest
+from qpipe.frontends.audio import make_featurizer, read_manifest
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.passes import PassContext, PassResult, register
 from qpipe.ir.stages import Stage
@@ -34,7 +34,7 @@ def calibrate_data(gm: GraphModule, ctx: PassContext) -> PassResult:
         raise QpipeError("calibrate-data: utterances must be >= 1")
     if len(entries) > n:
         entries = rng.sample(entries, n)
-    featurizer = Featurizer(ctx.state.get("preprocessor"))
+    featurizer = make_featurizer(ctx.state.get("preprocessor"), ctx.state.get("featurizer_state"))
     multiple = int(ctx.state.get("time_multiple", 1) or 1)
     batches = []
     for item in entries:

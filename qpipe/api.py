@@ -145,6 +145,7 @@ def quantize(
             time_dim=fm.time_dim,
             time_multiple=fm.time_multiple,
             input_shape=list(fm.input_shape),
+            featurizer_state=fm.featurizer_state,
             extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load]},
         )
         result.output = save(output, gm, record, fm.example_inputs[0], report, force=force)
@@ -176,10 +177,9 @@ def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str]) 
     """Float mel features -> integer graph -> greedy CTC on integer logits."""
     from qpipe.artifact import QuantizedModel, load
     from qpipe.decode import greedy_ctc
-    from qpipe.frontends.audio import Featurizer
 
     qm = model if isinstance(model, QuantizedModel) else load(str(model))
-    featurizer = Featurizer(qm.meta.get("preprocessor"))
+    featurizer = qm.featurizer()
     vocab = qm.meta.get("vocabulary") or []
     texts = []
     for path in audio_paths:

@@ -5,6 +5,7 @@ record and a short report. Written atomically: a failed run leaves no OUT.
     OUT/qpipe.json     pipeline with every option, seeds, per-node scales, versions, the model's preprocessor and vocabulary
     OUT/ir.txt         the printed integer IR, with provenance
     OUT/report.txt     a short human summary
+    OUT/frontend.pt    the float mel front end (filterbank, window, settings) for transcription
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class SaveRecord:
     time_dim: Optional[int]
     time_multiple: int
     input_shape: list[int]
+    featurizer_state: Optional[dict[str, Any]] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,6 +114,8 @@ def save(out_dir: str, gm: GraphModule, record: SaveRecord, example: torch.Tenso
     tmp = tempfile.mkdtemp(prefix=".qpipe-tmp-", dir=parent)
     try:
         torch.export.save(ep, os.path.join(tmp, "model.pt2"))
+        if record.featurizer_state:
+            torch.save(record.featurizer_state, os.path.join(tmp, "frontend.pt"))
         meta = {
             "format": FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -180,6 +184,16 @@ class QuantizedModel:
             ep = torch.export.load(os.path.join(self.path, "model.pt2"))
             self._module = ep.module()
         return self._module
+
+    def featurizer(self):
+        """Audio -> features as the float model computed them (no NeMo when frontend.pt exists)."""
+        from qpipe.frontends.audio import make_featurizer
+
+        state = None
+        path = os.path.join(self.path, "frontend.pt")
+        if os.path.isfile(path):
+            state = torch.load(path, weights_only=True)
+        return make_featurizer(self.meta.get("preprocessor"), state)
 
     @property
     def output_scale(self) -> float:
