@@ -30,7 +30,7 @@ def test_cli_quantizes_saves_reloads_and_transcribes(nemo_tiny_path, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(nemo_tiny_path, "--passes", FAST_PIPELINE, "-o", out, "--quiet")
     assert "eliminate-dead-float" in proc.stdout and f"wrote {out}" in proc.stdout
-    assert sorted(os.listdir(out)) == ["ir.txt", "model.pt2", "qpipe.json", "report.txt"]
+    assert sorted(os.listdir(out)) == ["frontend.pt", "ir.txt", "model.pt2", "qpipe.json", "report.txt"]
     meta = json.loads((out / "qpipe.json").read_text())
     assert meta["pipeline"].startswith("calibrate-synthetic") is False
     assert "calibrate-synthetic{batch=4,batches=1,init=0.3,length=48,lr=0.05,seed=0,steps=20}" in meta["pipeline"]
@@ -55,6 +55,10 @@ def test_cli_quantizes_saves_reloads_and_transcribes(nemo_tiny_path, tmp_path):
         subprocess.run([espeak, "-w", str(wav), "hello world"], check=True)
         proc = run_cli("transcribe", out, wav)
         assert proc.stdout.startswith(str(wav) + "\t")
+        # the saved front end transcribes without importing NeMo
+        code = f"import sys, qpipe.api as qp; qp.transcribe({str(out)!r}, [{str(wav)!r}]); print('nemo' in sys.modules)"
+        check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert check.stdout.strip().splitlines()[-1] == "False", check.stderr[-2000:]
 
     insp = run_cli("inspect", out, "--json", tmp_path / "inspect.json")
     assert "conv1d_rq" in insp.stdout
