@@ -41,11 +41,13 @@ def main() -> int:
             build_random_nemo(name, nemo)
         out = os.path.join(work, f"{name}_int8")
         cmd = [sys.executable, os.path.join(ROOT, "tools", "qpipe"), nemo, "--passes", args.passes, "-o", out, "--force", "--quiet"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - started
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        peak_kb = after.ru_maxrss  # max over children so far: run models smallest first
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
@@ -56,7 +58,8 @@ def main() -> int:
             "wall_seconds": round(seconds, 1),
             "pipeline_seconds": meta["metrics"]["pipeline_seconds"],
             "load_export_seconds": meta["metrics"]["load_seconds"],
-            "peak_rss_gb": round(max(peak_kb, before) / 2**20, 2),
+            "cpu_seconds": round(cpu_seconds, 1),
+            "peak_rss_gb": round(peak_kb / 2**20, 2),
             "float_mb": meta["metrics"]["float_mb"],
             "int_mb": meta["metrics"]["final_mb"],
             "size_ratio": round(meta["metrics"]["float_mb"] / meta["metrics"]["final_mb"], 2),
@@ -68,7 +71,7 @@ def main() -> int:
         }
         results.append(row)
         print(
-            f"{name:<16} {row['parameters']:>11,} params  wall {row['wall_seconds']:7.1f}s  "
+            f"{name:<16} {row['parameters']:>11,} params  wall {row['wall_seconds']:7.1f}s  cpu {row['cpu_seconds']:7.1f}s  "
             f"(load+export {row['load_export_seconds']}s, passes {row['pipeline_seconds']}s)  "
             f"peak RSS {row['peak_rss_gb']} GB  {row['float_mb']} MB -> {row['int_mb']} MB ({row['size_ratio']}x)"
         )
