@@ -65,6 +65,18 @@ def _calibration_facts(gm: GraphModule, node: Node) -> dict:
     return {k: facts[k] for k in ("saturation", "amax") if k in facts}
 
 
+def _int_bounds(bits: int, scale: float, activation: Node | None) -> tuple[int, int]:
+    """The integer clamp for an output of ``bits`` at ``scale``, narrowed by an activation's real bounds."""
+    lo, hi = int_range(bits)
+    if activation is not None:
+        a_lo, a_hi = activation_bounds(activation)
+        if math.isfinite(a_lo):
+            lo = max(lo, math.ceil(a_lo / scale - 0.5))
+        if math.isfinite(a_hi):
+            hi = min(hi, math.floor(a_hi / scale + 0.5))
+    return lo, hi
+
+
 def _quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel weights: (int tensor, float64 scale per channel)."""
     _, hi = int_range(bits)
@@ -124,11 +136,7 @@ class _Substitution:
 
     def requant_after(self, node: Node, acc: Node, in_scales: torch.Tensor, before: Node, channel_dim: int, extra: dict) -> Node:
         out_scale, bits, act = _out_qparams(self.gm, node)
-        lo, hi = int_range(bits)
-        if act is not None:  # requantize straight to the activation's scale, clamp by its bounds
-            a_lo, a_hi = activation_bounds(act)
-            lo = max(lo, math.ceil(a_lo / out_scale - 0.5)) if math.isfinite(a_lo) else lo
-            hi = min(hi, math.floor(a_hi / out_scale + 0.5)) if math.isfinite(a_hi) else hi
+        lo, hi = _int_bounds(bits, out_scale, act)  # straight to the activation's scale and clamp
         ratios = (in_scales / out_scale).tolist()
         pairs = [dyadic(r) for r in ratios]
         m = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
@@ -190,11 +198,7 @@ class _Substitution:
             raise QpipeError(f"{source_name(node)}: add with alpha is not supported")
         ai, bi = self.int_input(node, a), self.int_input(node, b)
         out_scale, bits, act = _out_qparams(self.gm, node)
-        lo, hi = int_range(bits)
-        if act is not None:
-            a_lo, a_hi = activation_bounds(act)
-            lo = max(lo, math.ceil(a_lo / out_scale - 0.5)) if math.isfinite(a_lo) else lo
-            hi = min(hi, math.floor(a_hi / out_scale + 0.5)) if math.isfinite(a_hi) else hi
+        lo, hi = _int_bounds(bits, out_scale, act)
         (ma, mb), s = dyadic_common_shift([self.scale_of[ai] / out_scale, self.scale_of[bi] / out_scale])
         qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, "ma": ma, "mb": mb, "s": s, **_calibration_facts(self.gm, node)}
         out = self.emit(self.anchor(node), q.add_requant.default, (ai, bi, ma, mb, s, lo, hi, bits), node, qp)
@@ -210,10 +214,7 @@ class _Substitution:
             return
         xi = self.int_input(node, node.args[0])
         scale, bits = self.scale_of[xi], self.bits_of[xi]
-        lo, hi = int_range(bits)
-        a_lo, a_hi = activation_bounds(node)
-        lo = max(lo, math.ceil(a_lo / scale - 0.5)) if math.isfinite(a_lo) else lo
-        hi = min(hi, math.floor(a_hi / scale + 0.5)) if math.isfinite(a_hi) else hi
+        lo, hi = _int_bounds(bits, scale, node)
         out = self.emit(self.anchor(node), q.clamp_int.default, (xi, lo, hi), node, {"lo": lo, "hi": hi})
         self.int_of[node] = out
         self.scale_of[out], self.bits_of[out] = scale, bits
