@@ -131,20 +131,23 @@ def render_inspect(facts: GraphFacts, console=None) -> None:
 
     console = console or make_console()
     table = Table(title=f"{facts.label} ({facts.stage} stage)", show_lines=False)
-    for col in ("node", "op", "out", "bits", "in scale", "w scale", "out scale", "saturated", "from"):
-        table.add_column(col, overflow="fold")
+    for col in ("node", "op", "out", "bits", "in scale", "w scale", "out scale", "saturated"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("from", overflow="ellipsis", max_width=60, no_wrap=True)
+    from rich.markup import escape
+
     for r in layer_rows(facts):
         sat = r["saturation"]
         table.add_row(
-            r["node"],
-            r["op"],
-            r["out"],
+            escape(r["node"]),
+            escape(r["op"]),
+            escape(r["out"]),
             str(r["bits"]),
             _fmt_scale(r["in_scale"]),
             _fmt_scale(r["w_scale"]),
             _fmt_scale(r["out_scale"]),
             f"{sat * 100:.3f}%" if isinstance(sat, (int, float)) else "",
-            r["from"],
+            escape(r["from"]),
         )
     console.print(table)
     if facts.metrics:
