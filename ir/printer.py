@@ -95,7 +95,7 @@ def _fmt_qmeta(d: dict) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-class _SymNames:
+class SymbolNames:
     """Names symbolic sizes by first appearance (T, T1, ...) so output is stable across runs."""
 
     def __init__(self, gm: GraphModule):
@@ -115,7 +115,7 @@ class _SymNames:
         return text.replace(" ", "")
 
 
-def _fmt_type(val: Any, syms: _SymNames) -> str:
+def _fmt_type(val: Any, syms: SymbolNames) -> str:
     if isinstance(val, torch.Tensor):
         dims = ",".join(syms.fmt_dim(d) for d in val.shape)
         return f"{dtype_name(val.dtype)}[{dims}]"
@@ -126,7 +126,7 @@ def _fmt_type(val: Any, syms: _SymNames) -> str:
     return type(val).__name__
 
 
-def format_node(node: Node, syms: _SymNames, with_provenance: bool = False) -> str:
+def format_node(node: Node, syms: SymbolNames, with_provenance: bool = False) -> str:
     if node.op == "output":
         return "return " + _fmt_value(node.args[0])
     head = f"%{node.name} = {target_name(node)}"
@@ -149,7 +149,7 @@ def print_ir(gm: GraphModule, with_provenance: bool = False, include_params: boo
     """The whole graph as text (stage on the first line)."""
     from qpipe.ir.stages import graph_stage
 
-    syms = _SymNames(gm)
+    syms = SymbolNames(gm)
     lines = [f"// stage: {graph_stage(gm)}"]
     for node in gm.graph.nodes:
         if node.op == "get_attr" and not include_params:

@@ -25,7 +25,7 @@ from torch.fx import GraphModule
 from qpipe import __version__
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.meta import PROVENANCE, QPARAMS, QPOLICY
-from qpipe.ir.printer import dtype_name, print_ir, target_name
+from qpipe.ir.printer import SymbolNames, dtype_name, print_ir, target_name
 
 FORMAT = "qpipe-int8/1"
 
@@ -47,11 +47,12 @@ def _jsonable(v: Any) -> Any:
 def node_table(gm: GraphModule) -> list[dict[str, Any]]:
     """One row per compute node: op, output dtype/shape, policy, qparams, provenance."""
     rows = []
+    syms = SymbolNames(gm)
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_module", "placeholder"):
             continue
         val = node.meta.get("val")
-        shape = [str(d) for d in val.shape] if isinstance(val, torch.Tensor) else None
+        shape = [syms.fmt_dim(d) for d in val.shape] if isinstance(val, torch.Tensor) else None
         rows.append(
             {
                 "name": node.name,
