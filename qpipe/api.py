@@ -112,9 +112,12 @@ def quantize(
     if output and os.path.exists(output) and not force and not (os.path.isdir(output) and not os.listdir(output)):
         raise QpipeError(f"output {output} already exists (use --force to replace it)")
     started = time.perf_counter()
+    if isinstance(model, (str, os.PathLike)):
+        log(f"loading and exporting {model} ...")
     fm = load_model(model, example_inputs)
     check_stages(pipeline, graph_stage(fm.gm))
     load_s = time.perf_counter() - started
+    log(f"exported in {load_s:.1f}s: {fm.kind}, {fm.info.get('parameters', '?')} parameters")
     float_gm = copy.deepcopy(fm.gm)
     state = fm.pipeline_state()
     run = run_pipeline(fm.gm, pipeline, state=state, instrument=instrument, progress=progress, log=log)
@@ -131,6 +134,8 @@ def quantize(
         if str(graph_stage(gm)) != "integer":
             raise QpipeError(f"-o needs an integer graph, but the pipeline ends at the {graph_stage(gm)} stage")
         from qpipe.artifact import SaveRecord, save
+
+        log(f"writing {output} ...")
 
         record = SaveRecord(
             pipeline=run.pipeline.full_string(),
