@@ -12,6 +12,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpipe.ir.errors import QpipeError
+from qpipe.ir.graph_utils import fetch_attr
 from qpipe.ir.meta import QPARAMS, source_name
 from qpipe.ir.printer import target_name
 from qpipe.ir.stages import Stage
@@ -97,17 +98,10 @@ def integer_violations(gm: GraphModule) -> list[str]:
                 problems.append(f"{where}: produces {val.dtype}")
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
-                const = _fetch(gm, arg.target)
+                const = fetch_attr(gm, arg.target)
                 if isinstance(const, torch.Tensor) and const.dtype not in INTEGER_DTYPES:
                     problems.append(f"{where}: reads float constant {arg.target}")
     return problems
-
-
-def _fetch(gm: GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def verify(gm: GraphModule, stage: Stage) -> None:
