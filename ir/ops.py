@@ -4,9 +4,10 @@ Each op has an exact integer CPU reference kernel and a fake kernel (shapes and
 dtypes only, for ``torch.export`` and meta propagation). The reference kernels
 are the definition of the numbers: backends must reproduce them bit for bit.
 
-Convolutions and matmuls run their integer dot products in float64: every
-int8*int8 product and every partial sum stays below 2**53, so the float64 result
-*is* the exact integer (``_check_exact`` proves the bound from the shapes).
+Convolutions and matmuls run their integer dot products in floating point:
+every int8*int8 product and partial sum is an integer below 2**24 (float32) or
+2**53 (float64), so the float result *is* the exact integer
+(``_exact_float_dtype`` proves the bound from the data of each call).
 Rounding is always "half up": ``(v * m + 2**(s-1)) >> s`` with an arithmetic
 shift.
 """
@@ -29,10 +30,22 @@ def dtype_for_bits(bits: int) -> torch.dtype:
     raise ValueError(f"no integer dtype holds {bits} bits")
 
 
-def _check_exact(reduction: int, x_bits: int = 8, w_bits: int = 8) -> None:
-    bound = (1 << (x_bits - 1)) * (1 << (w_bits - 1)) * max(reduction, 1)
-    if bound >= (1 << 53):
-        raise ValueError(f"dot product of length {reduction} at {x_bits}x{w_bits} bits exceeds the exact float64 range")
+def _exact_float_dtype(x: Tensor, w: Tensor, reduction: int) -> torch.dtype:
+    """The narrowest float type in which this integer dot product is exact.
+
+    Every product and every partial sum is an integer of magnitude at most
+    ``max|x| * max|w| * reduction``; below 2**24 float32 holds them all exactly
+    (in any summation order), below 2**53 float64 does. The bound is taken from
+    the data, so it is proven for this call.
+    """
+    if x.numel() == 0 or w.numel() == 0:
+        return torch.float64
+    bound = int(x.abs().max()) * int(w.abs().max()) * max(reduction, 1)
+    if bound < (1 << 24):
+        return torch.float32
+    if bound < (1 << 53):
+        return torch.float64
+    raise ValueError(f"integer dot product of length {reduction} may reach {bound}: beyond exact float64")
 
 
 def round_shift(v: Tensor, s: Tensor | int) -> Tensor:
@@ -59,9 +72,9 @@ def requant_reference(acc: Tensor, m: Tensor, s: Tensor, channel_dim: int, lo: i
 
 
 def _conv_acc(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
-    _check_exact(w.shape[1] * w.shape[2])
+    ft = _exact_float_dtype(x, w, w.shape[1] * w.shape[2])
     acc = torch.nn.functional.conv1d(
-        x.to(torch.float64), w.to(torch.float64), None, list(stride), list(padding), list(dilation), groups
+        x.to(ft), w.to(ft), None, list(stride), list(padding), list(dilation), groups
     ).to(torch.int64)
     if bias is not None:
         acc = acc + bias.to(torch.int64).reshape(1, -1, 1)
@@ -69,8 +82,8 @@ def _conv_acc(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dil
 
 
 def _linear_acc(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
-    _check_exact(w.shape[1])
-    acc = torch.matmul(x.to(torch.float64), w.to(torch.float64).t()).to(torch.int64)
+    ft = _exact_float_dtype(x, w, w.shape[1])
+    acc = torch.matmul(x.to(ft), w.to(ft).t()).to(torch.int64)
     if bias is not None:
         acc = acc + bias.to(torch.int64)
     return acc
