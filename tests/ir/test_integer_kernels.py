@@ -750,3 +750,19 @@ def test_quantize_float32_input(xs, scale):
     out = Q.quantize(x, scale, 16)
     assert out.dtype == torch.int16
     assert out.tolist() == [ref_quantize(v, scale, 16) for v in x.tolist()]
+
+
+def test_float_path_is_chosen_by_the_proven_bound():
+    """Short reductions run in float32, long ones in float64; both stay exact (int64 reference)."""
+    from qpipe.ir.ops import _exact_float_dtype
+
+    gen = torch.Generator().manual_seed(0)
+    for reduction, expected in ((64, torch.float32), (8192, torch.float64)):
+        x = torch.randint(-127, 128, (3, reduction), generator=gen, dtype=torch.int8)
+        w = torch.randint(-127, 128, (5, reduction), generator=gen, dtype=torch.int8)
+        x[0, :] = 127
+        w[0, :] = 127
+        assert _exact_float_dtype(x, w, reduction) == expected
+        got = torch.ops.qpipe.linear_acc(x, w, None, 64)
+        want = torch.matmul(x.to(torch.int64), w.to(torch.int64).t())
+        assert torch.equal(got, want)
