@@ -109,8 +109,10 @@ def save(out_dir: str, gm: GraphModule, record: SaveRecord, example: torch.Tenso
         if not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
             raise QpipeError(f"output {out_dir} already exists (use --force to replace it)")
     parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise QpipeError(f"cannot write {out_dir}: folder {parent} does not exist")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise QpipeError(f"cannot write {out_dir}: cannot create folder {parent}: {exc.strerror}") from None
     ep = export_integer(gm, example, record.time_dim)
     tmp = tempfile.mkdtemp(prefix=".qpipe-tmp-", dir=parent)
     try:
