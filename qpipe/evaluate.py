@@ -281,7 +281,14 @@ def evaluate(
         for c in cands:
             if _preprocessor_key(c.preprocessor) != _preprocessor_key(reference.preprocessor):
                 warn(f"qpipe: warning: {c.name} has a different preprocessor config than {reference.name}; computing its features separately")
-    featurizers = [(Featurizer(members[0].preprocessor), members) for members in groups.values()]
+    def featurizer_for(members: list[Candidate]):
+        # Quantized outputs alone use their saved front end (no NeMo import); a group
+        # with the float model uses NeMo's own, so both see identical features.
+        if all(m.kind == "quantized" for m in members):
+            return members[0].info["_qm"].featurizer()
+        return Featurizer(members[0].preprocessor)
+
+    featurizers = [(featurizer_for(members), members) for members in groups.values()]
 
     from tqdm import tqdm
 
