@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -93,11 +93,6 @@ class Featurizer:
 
     def file(self, path: str) -> torch.Tensor:
         return self(load_audio(path, self.sample_rate))
-
-
-def iter_features(featurizer: Featurizer, entries: list[dict[str, Any]]) -> Iterator[tuple[dict, torch.Tensor]]:
-    for item in entries:
-        yield item, featurizer.file(item["audio_filepath"])
 
 
 def make_featurizer(preprocessor_cfg: Optional[dict[str, Any]], featurizer_state: Optional[dict[str, Any]] = None):

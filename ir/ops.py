@@ -271,21 +271,3 @@ def linear_rq(x: Tensor, w: Tensor, bias: Optional[Tensor], m: Tensor, s: Tensor
 @linear_rq.register_fake
 def _(x, w, bias, m, s, lo, hi, bits):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype_for_bits(bits))
-
-
-def qpipe_op_names() -> list[str]:
-    """Names of all registered ``qpipe::`` ops (for --list-ops and the verifier table)."""
-    return sorted(
-        name
-        for name in (
-            "quantize",
-            "dequantize",
-            "conv1d_acc",
-            "linear_acc",
-            "requant",
-            "add_requant",
-            "clamp_int",
-            "conv1d_rq",
-            "linear_rq",
-        )
-    )

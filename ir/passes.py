@@ -298,7 +298,6 @@ class PipelineRun:
     gm: GraphModule
     pipeline: Pipeline
     records: list[PassRecord]
-    snapshots: dict[str, str] = field(default_factory=dict)  # "003_fuse-requant" -> printed IR
 
 
 def ir_diff(before: str, after: str, a_name: str = "before", b_name: str = "after") -> str:
@@ -315,7 +314,6 @@ def run_pipeline(
     state: Optional[dict[str, Any]] = None,
     instrument: Optional[Instrumentation] = None,
     progress: bool = True,
-    keep_snapshots: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> PipelineRun:
     if isinstance(pipeline, str):
@@ -330,10 +328,8 @@ def run_pipeline(
         or instrument.print_after_change
         or instrument.print_diff
         or instrument.dump_dir
-        or keep_snapshots
     )
     text = print_ir(gm) if want_text else ""
-    snapshots = {"000_input": text} if keep_snapshots else {}
     if instrument.dump_dir:
         _write(os.path.join(instrument.dump_dir, "000_input.txt"), text)
     records: list[PassRecord] = []
@@ -371,10 +367,8 @@ def run_pipeline(
                 instrument.write(f"// ----- diff after {spec.name} -----\n{ir_diff(text, new_text, 'before ' + spec.name, 'after ' + spec.name)}")
             if instrument.dump_dir:
                 _write(os.path.join(instrument.dump_dir, label + ".txt"), new_text)
-            if keep_snapshots:
-                snapshots[label] = new_text
             text = new_text
-    return PipelineRun(gm, pipeline, records, snapshots)
+    return PipelineRun(gm, pipeline, records)
 
 
 def _fmt_stats(stats: dict[str, Any]) -> str:

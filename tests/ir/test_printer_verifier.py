@@ -1,6 +1,7 @@
 """The printer is deterministic and readable; the verifier's tables catch what they should."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.testing import FileCheck
 
@@ -29,20 +30,13 @@ def test_printed_lines_have_dtype_shape_and_provenance():
 def test_verifier_float_stage_accepts_export_and_folded_rejects_bn():
     fm = _fm()
     verify(fm.gm, Stage.FLOAT)
-    try:
+    with pytest.raises(QpipeError) as exc:
         verify(fm.gm, Stage.FOLDED)
-    except QpipeError as exc:
-        assert str(exc).count("BatchNorm left unfolded") == 3
-    else:
-        raise AssertionError("folded-stage verifier accepted BatchNorm")
+    assert str(exc.value).count("BatchNorm left unfolded") == 3
 
 
 def test_verifier_integer_stage_needs_a_quantizer():
     fm = _fm()
     set_graph_stage(fm.gm, Stage.INTEGER)
-    try:
+    with pytest.raises(QpipeError, match="no input quantizer"):
         verify(fm.gm, Stage.INTEGER)
-    except QpipeError as exc:
-        assert "no input quantizer" in str(exc)
-    else:
-        raise AssertionError("integer-stage verifier accepted a float graph")
