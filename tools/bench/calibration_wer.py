@@ -93,8 +93,10 @@ def main(argv=None) -> int:
         summary["synthetic_minus_real_wer"] = src["synthetic"]["wer_mean"] - src["real"]["wer_mean"]
         print(f"synthetic - real (mean WER): {summary['synthetic_minus_real_wer']:+.2f} points")
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "eval": result}, indent=1))
-        print(f"wrote {args.json}")
+        # per-utterance hypotheses stay in WORK/eval.json; the summary keeps the totals
+        totals = {k: v for k, v in result.items() if k != "per_utterance"}
+        Path(args.json).write_text(json.dumps({"summary": summary, "eval": totals}, indent=1))
+        print(f"wrote {args.json} (per-utterance results: {eval_json})")
     return 0
 
 
