@@ -112,16 +112,10 @@ def make_batches(lengths: list[int], batch_size: int, rng: random.Random,
 
 
 def greedy_decode(log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
-    blank = log_probs.shape[-1] - 1
-    out = []
-    for row, n in zip(log_probs.argmax(-1), lens):
-        prev, chars = -1, []
-        for t in row[:int(n)].tolist():
-            if t != prev and t != blank:
-                chars.append(dm.LABELS[t])
-            prev = t
-        out.append("".join(chars).strip())
-    return out
+    """qpipe's greedy CTC decoding, each row cut to its valid frames."""
+    from qpipe.decode import greedy_ctc
+    return [greedy_ctc(row[None, :int(n)], dm.LABELS)[0].strip()
+            for row, n in zip(log_probs, lens)]
 
 
 @torch.inference_mode()
