@@ -30,16 +30,6 @@ HYPER = {"quartznet": {"lr": 3e-3, "warmup_steps": 200, "batch_size": 32},
          "conformer": {"lr": 4e-3, "warmup_steps": 200, "batch_size": 16}}
 
 
-def _read_audio(path: str) -> torch.Tensor:
-    import soundfile as sf
-    x, sr = sf.read(path, dtype="float32")
-    if x.ndim > 1:
-        x = x.mean(axis=1)
-    if sr != dm.SAMPLE_RATE:
-        raise ValueError(f"{path}: {sr} Hz, expected {dm.SAMPLE_RATE}")
-    return torch.from_numpy(x)
-
-
 def cache_features(manifest: Path, cache: Path, preprocessor_cfg: dict | None = None,
                    batch: int = 32) -> dict:
     """Featurize every utterance of a manifest once; store fp16 [64, T] + token ids."""
@@ -49,6 +39,8 @@ def cache_features(manifest: Path, cache: Path, preprocessor_cfg: dict | None = 
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from tqdm import tqdm
+
+    from qpipe.frontends.audio import load_audio
     pre = instantiate(OmegaConf.create(preprocessor_cfg or dm._preprocessor_cfg()))
     pre.eval()
     entries = dm.read_manifest(Path(manifest))
@@ -59,7 +51,8 @@ def cache_features(manifest: Path, cache: Path, preprocessor_cfg: dict | None = 
         for s in tqdm(range(0, len(order), batch), desc=f"features {Path(manifest).name}",
                       unit="batch", mininterval=5):
             idx = order[s:s + batch]
-            wavs = [_read_audio(entries[i]["audio_filepath"]) for i in idx]
+            wavs = [torch.from_numpy(load_audio(entries[i]["audio_filepath"], dm.SAMPLE_RATE))
+                    for i in idx]
             lens = torch.tensor([len(w) for w in wavs])
             x = torch.zeros(len(wavs), int(lens.max()))
             for j, w in enumerate(wavs):
