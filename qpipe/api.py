@@ -178,16 +178,25 @@ def format_report(fm: FloatModel, run: PipelineRun, metrics: dict[str, Any]) -> 
     return "\n".join(lines) + "\n"
 
 
-def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str]) -> list[str]:  # noqa: F821
-    """Float mel features -> integer graph -> greedy CTC on integer logits."""
-    from qpipe.artifact import QuantizedModel, load
-    from qpipe.decode import greedy_ctc
+def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str],  # noqa: F821
+               lm: Optional[str] = None, alpha: float = 0.8, beta: float = 1.5,
+               beam: Optional[int] = None) -> list[str]:
+    """Float mel features -> integer graph -> CTC decoding of the integer logits.
 
+    Greedy by default; with ``lm`` (an ARPA file) or ``beam``, prefix beam search on the
+    logits times their output scale (qpipe.decode.BeamSearchDecoder).
+    """
+    from qpipe.artifact import QuantizedModel, load
+    from qpipe.evaluate import Decoding
+
+    decoding = Decoding(beam_width=beam, lm_path=lm, alpha=alpha, beta=beta)
+    decoding.load()
     qm = model if isinstance(model, QuantizedModel) else load(str(model))
     featurizer = qm.featurizer()
-    vocab = qm.meta.get("vocabulary") or []
+    decode = decoding.decoder_for(qm.meta.get("vocabulary") or [])
+    scale = qm.output_scale if decoding.method == "beam" else 1.0
     texts = []
     for path in audio_paths:
         feats = featurizer.file(path)
-        texts.append(greedy_ctc(qm.logits_int(feats), vocab)[0])
+        texts.append(decode(qm.logits_int(feats).float() * scale))
     return texts

@@ -1,4 +1,4 @@
-"""Command line: ``qpipe [run] MODEL --passes P -o OUT``, ``transcribe``, ``inspect``, ``diff``, ``eval``.
+"""Command line: ``qpipe [run] MODEL --passes P -o OUT``, ``transcribe``, ``inspect``, ``diff``, ``eval``, ``lm``.
 
 Argument handling only; the work is in ``qpipe.api``, ``qpipe.inspect`` and
 ``qpipe.evaluate``. A QpipeError becomes one ``qpipe: error: ...`` line and exit 2.
@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from qpipe import __version__
 from qpipe.ir.errors import QpipeError
 
-SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval")
+SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval", "lm")
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -86,13 +86,18 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_transcribe(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph, greedy CTC).")
+    p = argparse.ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph; greedy CTC, or beam search with a word LM).")
     p.add_argument("model", help="an output folder written by qpipe -o")
     p.add_argument("audio", nargs="+", help="audio files (wav/flac; resampled to the model's rate)")
+    p.add_argument("--lm", metavar="LM.arpa", help="beam search with this word n-gram LM (ARPA, plain or .gz)")
+    p.add_argument("--lm-alpha", type=float, default=0.8, metavar="A", help="LM weight (default 0.8)")
+    p.add_argument("--lm-beta", type=float, default=1.5, metavar="B", help="word insertion bonus (default 1.5)")
+    p.add_argument("--beam", type=int, metavar="N", help="beam width (default: greedy without --lm, 32 with it)")
     args = p.parse_args(argv)
     from qpipe.api import transcribe
 
-    for path, text in zip(args.audio, transcribe(args.model, args.audio)):
+    texts = transcribe(args.model, args.audio, lm=args.lm, alpha=args.lm_alpha, beta=args.lm_beta, beam=args.beam)
+    for path, text in zip(args.audio, texts):
         print(f"{path}\t{text}")
     return 0
 
@@ -134,6 +139,31 @@ def cmd_diff(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_lm(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="qpipe lm",
+        description="Build a word n-gram LM (interpolated Kneser-Ney, ARPA format) for qpipe eval/transcribe --lm.",
+        epilog="example: qpipe lm train_manifest.json -o lm.arpa.gz --order 3",
+    )
+    p.add_argument("text", nargs="+", help="text files (one sentence per line) or NeMo manifests (.json: the 'text' field)")
+    p.add_argument("-o", "--output", required=True, help="the ARPA file to write (.gz to compress)")
+    p.add_argument("--order", type=int, default=3, help="n-gram order (default 3)")
+    p.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                   help="drop every sentence that also occurs in FILE (text or manifest), e.g. your test set; repeatable")
+    args = p.parse_args(argv)
+    from qpipe.lm import build_kneser_ney, read_sentences, write_arpa
+
+    sentences = read_sentences(args.text)
+    excluded = set(read_sentences(args.exclude)) if args.exclude else set()
+    kept = sorted({s for s in sentences if s not in excluded})
+    lm = build_kneser_ney(kept, args.order)
+    write_arpa(lm, args.output)
+    sizes = ", ".join(f"{k} {n}-grams" for n, k in lm.counts().items())
+    print(f"wrote {args.output}: {len(kept)} distinct sentences ({len(sentences)} read, "
+          f"{len(set(sentences)) - len(kept)} excluded), {sizes}")
+    return 0
+
+
 def cmd_eval(argv: Sequence[str]) -> int:
     from qpipe.evaluate import main as eval_main
 
@@ -145,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "run"
     if argv and argv[0] in SUBCOMMANDS:
         command = argv.pop(0)
-    handler = {"run": cmd_run, "transcribe": cmd_transcribe, "inspect": cmd_inspect, "diff": cmd_diff, "eval": cmd_eval}[command]
+    handler = {"run": cmd_run, "transcribe": cmd_transcribe, "inspect": cmd_inspect, "diff": cmd_diff, "eval": cmd_eval, "lm": cmd_lm}[command]
     try:
         return handler(argv)
     except QpipeError as exc:

@@ -1,9 +1,14 @@
-"""Greedy CTC decoding: argmax per frame, merge repeats, drop blanks (the last class).
+"""CTC decoding: greedy (argmax per frame, merge repeats, drop blanks: the last class) and
+prefix beam search with an optional word n-gram LM.
 
 Works on integer logits as they are: the argmax of the integer logits is the
 argmax of the float log-probabilities (log_softmax is a per-frame shift).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -28,3 +33,148 @@ def _join(tokens: list[str]) -> str:
     if any(t.startswith("\u2581") for t in tokens):
         return "".join(tokens).replace("\u2581", " ").strip()
     return "".join(tokens)
+
+
+# --------------------------------------------------------------------------- beam search
+
+_NEG_INF = float("-inf")
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a < b:
+        a, b = b, a
+    if b == _NEG_INF:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+class _Prefix:
+    """One hypothesis prefix: a node in the tree of token sequences, with its LM state."""
+
+    __slots__ = ("parent", "token", "context", "partial", "lm", "words", "oov", "children")
+
+    def __init__(self, parent, token, context, partial, lm, words, oov):
+        self.parent, self.token = parent, token
+        self.context, self.partial = context, partial  # completed-word context, word in progress
+        self.lm, self.words, self.oov = lm, words, oov  # ln P_LM so far, word count, partial scored as <unk>
+        self.children: dict[int, "_Prefix"] = {}
+
+    def text(self, vocabulary: Sequence[str]) -> str:
+        toks = []
+        node = self
+        while node.parent is not None:
+            toks.append(vocabulary[node.token])
+            node = node.parent
+        return _join(toks[::-1]).strip()
+
+
+@dataclass
+class BeamSearchDecoder:
+    """CTC prefix beam search, optionally with a word n-gram LM (shallow fusion).
+
+    A hypothesis scores ``ln P_ctc + alpha * ln P_lm + beta * words``. Words are scored
+    when they end (a space, a U+2581 piece, or the end of the utterance, which also
+    scores ``</s>``). Without an LM, alpha and beta play no part: the search returns
+    the labeling with the highest CTC probability it finds. A word in progress that is no longer a prefix of any LM word is
+    charged ``<unk>`` plus ``unk_penalty`` at once, so misspellings leave the beam early
+    instead of crowding it until the next space. Input is per-frame scores of any scale
+    that log_softmax turns into log-probabilities: float log-probs, or integer logits
+    times their quantization scale.
+    """
+
+    vocabulary: Sequence[str]
+    lm: Any = None  # qpipe.lm.NgramLM
+    alpha: float = 0.5
+    beta: float = 1.0
+    beam_width: int = 32
+    token_beam: float = 10.0  # per frame, try only tokens within this many nats of the best
+    max_tokens_per_frame: int = 8
+    unk_penalty: float = -5.0
+    blank: Optional[int] = None
+
+    def __call__(self, scores: torch.Tensor) -> str:
+        if scores.dim() == 3:
+            if scores.shape[0] != 1:
+                raise ValueError("BeamSearchDecoder decodes one utterance at a time: (T, V) or (1, T, V)")
+            scores = scores[0]
+        vocab = list(self.vocabulary)
+        blank = len(vocab) if self.blank is None else self.blank
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        top_v, top_i = logp.topk(min(self.max_tokens_per_frame, logp.shape[-1]), dim=-1)
+        rows, cand_v, cand_i = logp.tolist(), top_v.tolist(), top_i.tolist()
+
+        lm = self.lm
+        prefixes = lm.word_prefixes if lm is not None else None
+        root = _Prefix(None, None, ("<s>",), "", 0.0, 0, False)
+        beams: dict[_Prefix, list[float]] = {root: [0.0, _NEG_INF]}  # [p_blank, p_nonblank]
+
+        def child(node: _Prefix, tok: int) -> _Prefix:
+            c = node.children.get(tok)
+            if c is None:
+                c = self._extend(node, tok, vocab[tok] if tok < len(vocab) else "", lm, prefixes)
+                node.children[tok] = c
+            return c
+
+        for row, vals, idxs in zip(rows, cand_v, cand_i):
+            best = vals[0]
+            cands = [i for v, i in zip(vals, idxs) if v >= best - self.token_beam and i != blank]
+            p_blank = row[blank] if blank < len(row) else _NEG_INF
+            nxt: dict[_Prefix, list[float]] = {}
+            for node, (pb, pnb) in beams.items():
+                total = _logaddexp(pb, pnb)
+                slot = nxt.setdefault(node, [_NEG_INF, _NEG_INF])
+                slot[0] = _logaddexp(slot[0], total + p_blank)
+                if node.token is not None and node.token != blank:
+                    slot[1] = _logaddexp(slot[1], pnb + row[node.token])  # repeat collapses
+                for tok in cands:
+                    c = child(node, tok)
+                    add = (pb if tok == node.token else total) + row[tok]
+                    cs = nxt.setdefault(c, [_NEG_INF, _NEG_INF])
+                    cs[1] = _logaddexp(cs[1], add)
+            ranked = sorted(nxt.items(), key=lambda kv: self._score(kv[0], _logaddexp(*kv[1])), reverse=True)
+            beams = dict(ranked[: self.beam_width])
+
+        best_text, best_score = "", _NEG_INF
+        for node, (pb, pnb) in beams.items():
+            s = _logaddexp(pb, pnb) + self._final_bonus(node)
+            if s > best_score:
+                best_text, best_score = node.text(vocab), s
+        return best_text
+
+    # -- scoring
+
+    def _score(self, node: _Prefix, acoustic: float) -> float:
+        if self.lm is None:
+            return acoustic
+        return acoustic + self.alpha * node.lm + self.beta * node.words
+
+    def _final_bonus(self, node: _Prefix) -> float:
+        if self.lm is None:
+            return 0.0
+        lm_total, words = node.lm, node.words
+        context = node.context
+        if node.partial:
+            if not node.oov:
+                lm_total += self.lm.score(context, node.partial)
+            context = context + (node.partial,)
+        lm_total += self.lm.score(context, "</s>")
+        if node.partial:
+            words += 1
+        return self.alpha * lm_total + self.beta * words
+
+    def _extend(self, node: _Prefix, tok: int, piece: str, lm, prefixes) -> _Prefix:
+        context, partial, lm_score, words, oov = node.context, node.partial, node.lm, node.words, node.oov
+        starts_word = piece == " " or piece.startswith("\u2581")
+        if starts_word:
+            if partial:
+                if lm is not None and not oov:
+                    lm_score += lm.score(context, partial)
+                context = (context + (partial,))[-8:]
+                words += 1
+            partial, oov = piece.lstrip(" \u2581"), False
+        else:
+            partial = partial + piece
+        if lm is not None and partial and not oov and partial not in prefixes:
+            lm_score += lm.score(context, "<unk>") + self.unk_penalty
+            oov = True
+        return _Prefix(node, tok, context, partial, lm_score, words, oov)

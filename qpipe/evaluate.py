@@ -118,6 +118,9 @@ class Candidate:
     preprocessor: dict[str, Any]
     vocabulary: list[str]
     forward: Callable[[torch.Tensor], torch.Tensor]
+    # What turns the forward's output into log-probabilities up to a per-frame shift:
+    # 1 for float log-probs, the output quantization scale for integer logits.
+    logit_scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
     hypotheses: list[str] = field(default_factory=list)
     counts: list[ErrorCounts] = field(default_factory=list)
@@ -181,6 +184,7 @@ def _quantized_candidate(path: str) -> Candidate:
         preprocessor=qm.meta["preprocessor"],
         vocabulary=list(qm.meta["vocabulary"]),
         forward=qm.logits_int,
+        logit_scale=qm.output_scale,
         info={"pipeline": qm.meta.get("pipeline"), "source": qm.meta.get("source", {}), "_qm": qm, "given": os.path.normpath(path)},
     )
 
@@ -239,8 +243,10 @@ def evaluate(
     limit: Optional[int] = None,
     progress: bool = True,
     warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    decoding: Optional["Decoding"] = None,
 ) -> dict[str, Any]:
     """Run every model on the manifest; returns the result dict that ``--json`` writes."""
+    decoding = decoding or Decoding()
     from qpipe.frontends.audio import Featurizer, load_audio, read_manifest
 
     entries = read_manifest(manifest)
@@ -289,6 +295,7 @@ def evaluate(
         return Featurizer(members[0].preprocessor)
 
     featurizers = [(featurizer_for(members), members) for members in groups.values()]
+    decoders = {id(c): decoding.decoder_for(c.vocabulary) for c in cands}
 
     from tqdm import tqdm
 
@@ -316,19 +323,55 @@ def evaluate(
                 c.feature_seconds += feature_s
                 started = time.perf_counter()
                 logits = c.forward(features)
-                hyp = _greedy(logits, c.vocabulary)
+                hyp = decoders[id(c)](logits.float() * c.logit_scale)
                 c.model_seconds += time.perf_counter() - started
                 c.hypotheses.append(hyp)
                 c.counts.append(error_counts(utt.reference, hyp, normalize=True))
         warmed = True
         utterances.append(utt)
-    return _result(cands, utterances, manifest, float_path is not None)
+    result = _result(cands, utterances, manifest, float_path is not None)
+    result["decoding"] = decoding.describe()
+    return result
 
 
-def _greedy(logits: torch.Tensor, vocabulary: list[str]) -> str:
-    from qpipe.decode import greedy_ctc
+@dataclass
+class Decoding:
+    """How logits become text, the same for every model: greedy, or beam search (+ word LM)."""
 
-    return greedy_ctc(logits, vocabulary)[0]
+    beam_width: Optional[int] = None  # None: greedy unless an LM is given
+    lm_path: Optional[str] = None
+    alpha: float = 0.8
+    beta: float = 1.5
+    _lm: Any = None
+
+    @property
+    def method(self) -> str:
+        return "beam" if (self.beam_width or self.lm_path) else "greedy"
+
+    def load(self) -> None:
+        """Read the LM now: a bad file fails before any model runs."""
+        if self.lm_path and self._lm is None:
+            from qpipe.lm import read_arpa
+
+            self._lm = read_arpa(self.lm_path)
+
+    def decoder_for(self, vocabulary: Sequence[str]) -> Callable[[torch.Tensor], str]:
+        from qpipe.decode import BeamSearchDecoder, greedy_ctc
+
+        if self.method == "greedy":
+            return lambda logits: greedy_ctc(logits, list(vocabulary))[0]
+        self.load()
+        return BeamSearchDecoder(list(vocabulary), self._lm, alpha=self.alpha, beta=self.beta,
+                                 beam_width=self.beam_width or 32)
+
+    def describe(self) -> dict[str, Any]:
+        if self.method == "greedy":
+            return {"method": "greedy"}
+        out: dict[str, Any] = {"method": "beam", "beam_width": self.beam_width or 32}
+        if self.lm_path:
+            out.update({"lm": os.path.abspath(self.lm_path), "lm_order": self._lm.order if self._lm else None,
+                        "alpha": self.alpha, "beta": self.beta})
+        return out
 
 
 def _percent(x: Optional[float]) -> Optional[float]:
@@ -425,10 +468,21 @@ def render_table(result: dict[str, Any], console=None) -> None:
     console.print(
         f"{result['utterances']} utterances, {result['audio_seconds']:.1f} s of audio; "
         f"text normalized for all: {result['normalization']}; "
+        f"{_decoding_label(result)}; "
         f"RTF = (features + network + decoding) seconds / audio seconds, {result['device']}, {result['threads']} threads",
         highlight=False,
         markup=False,
     )
+
+
+def _decoding_label(result: dict[str, Any]) -> str:
+    d = result.get("decoding") or {"method": "greedy"}
+    if d["method"] == "greedy":
+        return "greedy CTC decoding"
+    text = f"CTC beam search (beam {d['beam_width']})"
+    if d.get("lm"):
+        text += f" with the {d['lm_order']}-gram word LM {os.path.basename(d['lm'])} (alpha {d['alpha']}, beta {d['beta']})"
+    return text
 
 
 def _marked(hyp: str, ref: str, style: str = "bold red"):
@@ -531,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N utterances")
     p.add_argument("--per-utterance", action="store_true", help="print every utterance: reference and each model's hypothesis")
     p.add_argument("--diffs", action="store_true", help="print only the utterances where the hypotheses differ (quantized vs float)")
+    p.add_argument("--lm", metavar="LM.arpa", help="decode with CTC beam search and this word n-gram LM (ARPA, plain or .gz; build one with qpipe lm)")
+    p.add_argument("--lm-alpha", type=float, default=0.8, metavar="A", help="LM weight (default 0.8)")
+    p.add_argument("--lm-beta", type=float, default=1.5, metavar="B", help="word insertion bonus (default 1.5)")
+    p.add_argument("--beam", type=_positive_int, metavar="N", help="beam width (default: greedy decoding without --lm, 32 with it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -560,7 +618,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.path.isdir(args.json):
             raise QpipeError(f"cannot write {args.json}: it is a folder")
 
-    result = evaluate(float_path, outs, args.manifest, limit=args.limit, progress=not args.quiet)
+    decoding = Decoding(beam_width=args.beam, lm_path=args.lm, alpha=args.lm_alpha, beta=args.lm_beta)
+    decoding.load()
+    result = evaluate(float_path, outs, args.manifest, limit=args.limit, progress=not args.quiet, decoding=decoding)
 
     from rich.console import Console
 

@@ -257,3 +257,37 @@ def test_eval_outputs_only_limit_and_other_preprocessor(tiny_quantized, capsys):
     assert result["utterances"] == 1
     assert [r["kind"] for r in result["models"]] == ["quantized", "quantized"]
     assert all(r["delta_wer"] is None and r["utterances"] == 1 for r in result["models"])
+
+
+@pytest.mark.nemo
+@pytest.mark.slow
+def test_eval_with_a_word_lm(tiny_quantized, capsys):
+    nemo, out, folder = tiny_quantized
+    texts = ["one two", "three four"]
+    manifest = _espeak_manifest(folder / "lm", texts)
+    lm = str(folder / "lm" / "lm.arpa")
+    from qpipe.cli import main as cli
+
+    assert cli(["lm", manifest, "-o", lm, "--order", "2"]) == 0
+    report = str(folder / "lm" / "eval.json")
+    assert cli(["eval", nemo, out, "--manifest", manifest, "--lm", lm, "--beam", "4", "--json", report, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "CTC beam search (beam 4) with the 2-gram word LM lm.arpa" in " ".join(printed.split())
+    result = json.load(open(report))
+    assert result["decoding"] == {"method": "beam", "beam_width": 4, "lm": lm, "lm_order": 2, "alpha": 0.8, "beta": 1.5}
+    assert all(r["utterances"] == 2 for r in result["models"])
+    # a broken LM fails in one line, before any model runs
+    bad = folder / "lm" / "bad.arpa"
+    bad.write_text("not an lm\n")
+    rc, err = _cli([nemo, "--manifest", manifest, "--lm", str(bad)], capsys)
+    assert rc == 2 and err == f"qpipe: error: {bad}:1: not an ARPA language model (expected \\data\\ first)"
+
+
+def test_decoding_describes_itself():
+    import torch
+
+    from qpipe.evaluate import Decoding
+
+    assert Decoding().describe() == {"method": "greedy"}
+    assert Decoding(beam_width=8).describe() == {"method": "beam", "beam_width": 8}
+    assert Decoding().decoder_for(["a"])(torch.tensor([[[0.0, -9.0], [-9.0, 0.0]]])) == "a"
