@@ -82,6 +82,23 @@ def test_calibrate_synthetic_is_deterministic_for_a_seed(tiny_float_model):
     assert s1 == s2
 
 
+def test_calibrate_synthetic_keeps_inputs_normalized_like_the_preprocessor(tiny_float_model):
+    fm = copy.deepcopy(tiny_float_model)
+    state = fm.pipeline_state()
+    state["preprocessor"] = {"normalize": "per_feature"}  # what NeMo's mel front ends say
+    run = run_pipeline(fm.gm, f"fold-bn,insert-observers,{FAST_CALIBRATION}", state=state, progress=False)
+    assert run.records[-1].stats["input_norm"] == "per_feature"
+    x = state["calibration_inputs"][0]
+    torch.testing.assert_close(x.mean(dim=-1), torch.zeros(x.shape[:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=-1), torch.ones(x.shape[:2]), atol=1e-3, rtol=0)
+    # without that config (a plain torch module) auto leaves the input free
+    run2, state2 = _run(copy.deepcopy(tiny_float_model), f"fold-bn,insert-observers,{FAST_CALIBRATION}")
+    assert run2.records[-1].stats["input_norm"] == "none"
+    assert state2["calibration_inputs"][0].std(dim=-1).max() < 0.9
+    with pytest.raises(QpipeError, match="input_norm must be"):
+        _run(copy.deepcopy(tiny_float_model), "fold-bn,insert-observers,calibrate-synthetic{input_norm=global}")
+
+
 def test_substitute_int_ops_makes_integer_graph(tiny_float_model):
     ref = copy.deepcopy(tiny_float_model.gm)
     run, state = _run(tiny_float_model, f"fold-bn,insert-observers,{FAST_CALIBRATION},substitute-int-ops")

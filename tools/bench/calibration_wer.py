@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=1, help="calibrations per source (default 1)")
     ap.add_argument("--work", default="/tmp/qpipe-calibration-wer")
     ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--lm", default=None, help="decode with this word LM (qpipe eval --lm); default greedy")
+    ap.add_argument("--skip-quantize", action="store_true",
+                    help="reuse the outputs already in --work (e.g. to decode them again with --lm)")
     args = ap.parse_args(argv)
 
     work = Path(args.work)
@@ -55,21 +58,25 @@ def main(argv=None) -> int:
             if calib is None:
                 continue
             out = work / f"{source}_s{seed}"
+            outs.append((source, seed, out))
+            if args.skip_quantize and (out / "qpipe.json").is_file():
+                continue
             t = time.time()
             subprocess.run([QPIPE, args.model, "--passes", f"fold-bn,insert-observers,{calib},{TAIL}",
                             "-o", str(out), "--force", "--quiet"], check=True,
                            stdout=subprocess.DEVNULL)
             print(f"[calibration] {out.name}: {time.time() - t:.0f} s", flush=True)
-            outs.append((source, seed, out))
-    eval_json = work / "eval.json"
+    eval_json = work / ("eval_lm.json" if args.lm else "eval.json")
     subprocess.run([QPIPE, "eval", args.model, *[str(o) for _, _, o in outs], "--manifest",
-                    args.eval_manifest, "--json", str(eval_json), "--quiet"], check=True)
+                    args.eval_manifest, "--json", str(eval_json), "--quiet",
+                    *(["--lm", args.lm] if args.lm else [])], check=True)
     result = json.loads(eval_json.read_text())
     rows = {Path(r["path"]).name: r for r in result["models"]}
     float_row = next(r for r in result["models"] if r["kind"] == "float")
 
     summary = {"model": args.model, "eval_manifest": args.eval_manifest,
                "real_manifest": args.real_manifest, "utterances": result["utterances"],
+               "decoding": result.get("decoding", {"method": "greedy"}),
                "reference_words": float_row["reference_words"], "seeds": args.seeds,
                "float": {"wer": float_row["wer"], "cer": float_row["cer"]}, "sources": {}}
     print(f"\n{result['utterances']} utterances, {float_row['reference_words']} words; "
