@@ -591,7 +591,49 @@ def wer_cer(refs: list[str], hyps: list[str]) -> dict:
     return {"wer": float(jiwer.wer(r, h)), "cer": float(jiwer.cer(r, h)), "n": len(r)}
 
 
-def evaluate(model, manifests: dict[str, Path]) -> dict:
+LM_ORDER = 3
+
+
+def build_demo_lm(corpus: CorpusInfo, out_path: Path, order: int = LM_ORDER) -> dict:
+    """The demo word LM: Kneser-Ney over the training sentences only (dev and held-out
+    sentences are excluded by construction and dropped again here, to be sure)."""
+    from qpipe.lm import build_kneser_ney, read_sentences, write_arpa
+    train = set(read_sentences([str(corpus.train_manifest)]))
+    unseen = set(read_sentences([str(m) for m in (corpus.dev_manifest, corpus.heldout_manifest)
+                                 if Path(m).exists()]))
+    sentences = sorted(train - unseen)
+    lm = build_kneser_ney(sentences, order)
+    write_arpa(lm, str(out_path))
+    info = {"path": Path(out_path).name, "order": order, "sentences": len(sentences),
+            "ngrams": lm.counts(), "bytes": Path(out_path).stat().st_size}
+    print(f"[lm] wrote {out_path}: {info}", flush=True)
+    return info
+
+
+def transcribe_with_lm(model, manifest: Path, lm_path: Path) -> list[str]:
+    """Float log-probs of the .nemo, decoded by qpipe's beam search with the word LM
+    (qpipe eval's defaults: beam 32, alpha 0.8, beta 1.5)."""
+    import torch
+
+    from omegaconf import OmegaConf
+
+    from qpipe.evaluate import Decoding
+    from qpipe.frontends.audio import Featurizer
+    # qpipe eval's front end: the model's preprocessor without dither (NeMo's transcribe
+    # turns dither off too; with it, the digital silence of TTS audio becomes noise).
+    featurize = Featurizer(OmegaConf.to_container(model.cfg.preprocessor, resolve=True))
+    decode = Decoding(lm_path=str(lm_path)).decoder_for(LABELS)
+    hyps = []
+    with torch.inference_mode():
+        for e in read_manifest(manifest):
+            feats = featurize.file(e["audio_filepath"])
+            lp, lens, _ = model.forward(processed_signal=feats,
+                                        processed_signal_length=torch.tensor([feats.shape[2]]))
+            hyps.append(decode(lp[:, :int(lens[0])]))
+    return hyps
+
+
+def evaluate(model, manifests: dict[str, Path], lm_path: Path | None = None) -> dict:
     out = {}
     for name, m in manifests.items():
         if m is None or not Path(m).exists():
@@ -599,9 +641,13 @@ def evaluate(model, manifests: dict[str, Path]) -> dict:
         refs, hyps = transcribe_manifest(model, Path(m))
         res = wer_cer(refs, hyps)
         res["examples"] = [{"ref": refs[i], "hyp": hyps[i]} for i in range(min(3, len(refs)))]
+        if lm_path is not None:
+            lm = wer_cer(refs, transcribe_with_lm(model, Path(m), lm_path))
+            res["lm_wer"], res["lm_cer"] = lm["wer"], lm["cer"]
         out[name] = res
-        print(f"[eval] {name}: WER {res['wer']:.3f} CER {res['cer']:.3f} (n={res['n']})",
-              flush=True)
+        print(f"[eval] {name}: WER {res['wer']:.3f} CER {res['cer']:.3f} (n={res['n']})"
+              + (f"; with the LM WER {res['lm_wer']:.3f} CER {res['lm_cer']:.3f}"
+                 if lm_path is not None else ""), flush=True)
     return out
 
 
@@ -610,7 +656,8 @@ def _pct(x):
 
 
 def write_model_card(path: Path, arch: str, nemo_path: Path, train_info: dict,
-                     corpus: CorpusInfo, results: dict, command: str) -> None:
+                     corpus: CorpusInfo, results: dict, command: str,
+                     lm_info: dict | None = None) -> None:
     """Write a markdown model card from what ``fast_train.train_cached`` returned."""
     st = corpus.stats
     tr = st.get("train", {})
@@ -638,7 +685,8 @@ def write_model_card(path: Path, arch: str, nemo_path: Path, train_info: dict,
                         ("pocketsphinx", "pocketsphinx-testdata (real human speech)")]:
         r = results.get(name)
         if r:
-            rows.append(f"| {label} | {r['n']} | {_pct(r['wer'])} | {_pct(r['cer'])} |")
+            rows.append(f"| {label} | {r['n']} | {_pct(r['wer'])} | {_pct(r['cer'])} | "
+                        f"{_pct(r.get('lm_wer'))} | {_pct(r.get('lm_cer'))} |")
     examples = []
     for r in results.get("heldout", {}).get("examples", []):
         examples.append(f"- ref: `{r['ref']}`\n  hyp: `{r['hyp']}`")
@@ -652,8 +700,7 @@ Float ASR model trained from scratch (no pretrained weights) on a synthetic (TTS
 English corpus made by `tools/make-demo-models`.  It exists to exercise qpipe's INT8
 quantization pipeline on a real, trained NeMo model; it is **not** a useful
 general-purpose recognizer: {ti['steps']} optimizer steps, {ti['train_seconds'] / 60:.0f} minutes of
-training on 2 CPU cores shared with the other demo model, {tr.get('hours')} h of synthetic speech,
-no language model.
+training on 2 CPU cores shared with the other demo model, {tr.get('hours')} h of synthetic speech.
 
 | | |
 |---|---|
@@ -681,13 +728,17 @@ Dev WER during training (greedy, on cached dev features):
 ## Float accuracy
 
 WER/CER with jiwer after lowercasing and stripping punctuation except apostrophes;
-greedy CTC decoding, no language model, CPU inference of the restored `.nemo`.
+CPU inference of the restored `.nemo`. Greedy: greedy CTC decoding (NeMo's `transcribe`),
+no language model. With LM: qpipe's CTC prefix beam search (`qpipe.decode`, beam 32)
+with the demo word LM `{(lm_info or {}).get('path', 'demo_lm.arpa.gz')}` ({(lm_info or {}).get('order', LM_ORDER)}-gram Kneser-Ney over
+the {(lm_info or {}).get('sentences', 'training')} training sentences only; alpha 0.8, beta 1.5 chosen on the dev set), as
+`qpipe eval --lm` decodes.
 
-| set | utterances | WER | CER |
-|---|---|---|---|
+| set | utterances | WER greedy | CER greedy | WER with LM | CER with LM |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Examples (held-out set, first utterances):
+Examples (held-out set, first utterances, greedy):
 {chr(10).join(examples)}
 
 ## Data
@@ -727,10 +778,42 @@ The recipe is seeded (`--seed`) and trains for a fixed number of steps, so a re-
 takes the same batches in the same order; only the wall clock depends on the machine.
 
 ```json
-{json.dumps({'train': {k: v for k, v in train_info.items() if k not in ('optim', 'history')},
-             'corpus': st,
+{json.dumps({'train': {k: v for k, v in train_info.items() if k != 'optim'},
+             'corpus': st, 'lm': lm_info,
              'results': {k: {kk: vv for kk, vv in v.items() if kk != 'examples'}
                          for k, v in results.items()}}, indent=1, default=str)}
 ```
 """
+    kept = _kept_sections(Path(path))
+    if kept:  # sections people wrote into the card (e.g. reproducibility checks) survive
+        text = text.replace("\n## Reproduce\n", "\n" + kept + "\n## Reproduce\n", 1)
     Path(path).write_text(text)
+
+
+KEPT_SECTIONS = ("## Reproducibility",)
+
+
+def _kept_sections(card: Path) -> str:
+    if not card.exists():
+        return ""
+    out, keep = [], False
+    for line in card.read_text().splitlines():
+        if line.startswith("## "):
+            keep = line.startswith(KEPT_SECTIONS)
+        if keep:
+            out.append(line)
+    return "\n".join(out).strip() + "\n" if out else ""
+
+
+def read_model_card(card: Path) -> dict:
+    """The JSON block of a card written by :func:`write_model_card` (train facts, corpus,
+    results), with the dev curve read back from its table when the block lacks it."""
+    text = Path(card).read_text()
+    start = text.rindex("```json\n") + len("```json\n")
+    facts = json.loads(text[start:text.index("```", start)])
+    train = facts["train"]
+    if "history" not in train:
+        rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) % \| ([\d.]+) % \|$", text, re.M)
+        train["history"] = [{"step": int(a), "elapsed_s": float(b) * 60, "dev_wer": float(c) / 100,
+                             "dev_cer": float(d) / 100} for a, b, c, d in rows]
+    return facts
