@@ -49,3 +49,42 @@ def test_greedy_decode_collapses_repeats_and_drops_blank():
         lp[0, t, i] = 0.0
     assert ft.greedy_decode(lp, torch.tensor([len(ids)])) == ["hello"]
     assert ft.greedy_decode(lp, torch.tensor([2])) == ["h"]
+
+
+def _manifest(path: Path, texts: list[str]) -> Path:
+    import json
+    path.write_text("".join(json.dumps({"audio_filepath": f"{i}.wav", "duration": 1.0, "text": t}) + "\n"
+                            for i, t in enumerate(texts)))
+    return path
+
+
+def test_demo_lm_never_sees_dev_or_heldout_sentences(tmp_path):
+    from qpipe.lm import read_arpa
+    corpus = dm.CorpusInfo(_manifest(tmp_path / "train.json", ["the cat sat", "a dog ran", "secret words here"]),
+                           _manifest(tmp_path / "dev.json", ["secret words here"]),
+                           _manifest(tmp_path / "ho.json", ["a dog ran"]))
+    info = dm.build_demo_lm(corpus, tmp_path / "lm.arpa.gz", order=2)
+    assert info["sentences"] == 1
+    assert read_arpa(str(tmp_path / "lm.arpa.gz")).vocabulary == {"the", "cat", "sat"}
+
+
+def test_model_card_round_trip_keeps_train_facts_and_written_sections(tmp_path):
+    nemo = tmp_path / "demo_quartznet.nemo"
+    nemo.write_bytes(b"x" * 10)
+    train = {"arch": "quartznet", "params": 123, "steps": 10, "epochs": 1, "train_seconds": 60.0,
+             "batch_size": 4, "peak_lr": 0.003, "warmup_steps": 2, "torch_threads": 1,
+             "spec_augment": {"freq_masks": 2, "freq_width": 10, "time_masks": 2, "time_width": 0.05},
+             "history": [{"step": 10, "elapsed_s": 60.0, "dev_wer": 0.5, "dev_cer": 0.25}]}
+    corpus = dm.CorpusInfo(tmp_path / "t.json", tmp_path / "d.json", tmp_path / "h.json", stats={})
+    results = {"heldout": {"wer": 0.5, "cer": 0.2, "n": 3, "lm_wer": 0.4, "lm_cer": 0.21, "examples": []}}
+    card = tmp_path / "demo_quartznet.md"
+    dm.write_model_card(card, "quartznet", nemo, train, corpus, results, "tools/make-demo-models",
+                        lm_info={"path": "demo_lm.arpa.gz", "order": 3, "sentences": 7})
+    assert "| 50.0 % | 20.0 % | 40.0 % | 21.0 % |" in card.read_text()
+    card.write_text(card.read_text().replace("\n## Reproduce\n", "\n## Reproducibility (checked)\n\nby hand\n\n## Reproduce\n"))
+    facts = dm.read_model_card(card)
+    assert facts["train"]["history"] == train["history"] and facts["train"]["steps"] == 10
+    dm.write_model_card(card, "quartznet", nemo, facts["train"], corpus, results, "tools/make-demo-models")
+    text = card.read_text()
+    assert text.count("## Reproducibility (checked)\n\nby hand") == 1
+    assert text.index("## Reproducibility") < text.index("## Reproduce\n")
