@@ -89,10 +89,9 @@ def cmd_transcribe(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph; greedy CTC, or beam search with a word LM).")
     p.add_argument("model", help="an output folder written by qpipe -o")
     p.add_argument("audio", nargs="+", help="audio files (wav/flac; resampled to the model's rate)")
-    p.add_argument("--lm", metavar="LM.arpa", help="beam search with this word n-gram LM (ARPA, plain or .gz)")
-    p.add_argument("--lm-alpha", type=float, default=0.8, metavar="A", help="LM weight (default 0.8)")
-    p.add_argument("--lm-beta", type=float, default=1.5, metavar="B", help="word insertion bonus (default 1.5)")
-    p.add_argument("--beam", type=int, metavar="N", help="beam width (default: greedy without --lm, 32 with it)")
+    from qpipe.evaluate import add_decoding_arguments
+
+    add_decoding_arguments(p)
     args = p.parse_args(argv)
     from qpipe.api import transcribe
 

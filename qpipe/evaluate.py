@@ -568,6 +568,21 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """--lm, --lm-alpha, --lm-beta, --beam: shared by qpipe eval and qpipe transcribe."""
+    p.add_argument("--lm", metavar="LM.arpa", help="decode with CTC beam search and this word n-gram LM (ARPA, plain or .gz; build one with qpipe lm)")
+    p.add_argument("--lm-alpha", type=float, default=Decoding.alpha, metavar="A", help=f"LM weight (default {Decoding.alpha})")
+    p.add_argument("--lm-beta", type=float, default=Decoding.beta, metavar="B", help=f"word insertion bonus (default {Decoding.beta})")
+    p.add_argument("--beam", type=_positive_int, metavar="N", help="beam width (default: greedy decoding without --lm, 32 with it)")
+
+
+def decoding_from_args(args: argparse.Namespace) -> Decoding:
+    """The Decoding the flags ask for, its LM already read (a bad file fails here, in one line)."""
+    decoding = Decoding(beam_width=args.beam, lm_path=args.lm, alpha=args.lm_alpha, beta=args.lm_beta)
+    decoding.load()
+    return decoding
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qpipe eval",
@@ -585,10 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N utterances")
     p.add_argument("--per-utterance", action="store_true", help="print every utterance: reference and each model's hypothesis")
     p.add_argument("--diffs", action="store_true", help="print only the utterances where the hypotheses differ (quantized vs float)")
-    p.add_argument("--lm", metavar="LM.arpa", help="decode with CTC beam search and this word n-gram LM (ARPA, plain or .gz; build one with qpipe lm)")
-    p.add_argument("--lm-alpha", type=float, default=0.8, metavar="A", help="LM weight (default 0.8)")
-    p.add_argument("--lm-beta", type=float, default=1.5, metavar="B", help="word insertion bonus (default 1.5)")
-    p.add_argument("--beam", type=_positive_int, metavar="N", help="beam width (default: greedy decoding without --lm, 32 with it)")
+    add_decoding_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -618,8 +630,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.path.isdir(args.json):
             raise QpipeError(f"cannot write {args.json}: it is a folder")
 
-    decoding = Decoding(beam_width=args.beam, lm_path=args.lm, alpha=args.lm_alpha, beta=args.lm_beta)
-    decoding.load()
+    decoding = decoding_from_args(args)
     result = evaluate(float_path, outs, args.manifest, limit=args.limit, progress=not args.quiet, decoding=decoding)
 
     from rich.console import Console

@@ -276,6 +276,9 @@ def test_eval_with_a_word_lm(tiny_quantized, capsys):
     result = json.load(open(report))
     assert result["decoding"] == {"method": "beam", "beam_width": 4, "lm": lm, "lm_order": 2, "alpha": 0.8, "beta": 1.5}
     assert all(r["utterances"] == 2 for r in result["models"])
+    wav = str(folder / "lm" / "wav" / "u0.wav")
+    assert cli(["transcribe", out, wav, "--lm", lm, "--beam", "4"]) == 0
+    assert capsys.readouterr().out.startswith(f"{wav}\t")
     # a broken LM fails in one line, before any model runs
     bad = folder / "lm" / "bad.arpa"
     bad.write_text("not an lm\n")
