@@ -228,18 +228,21 @@ def write_arpa(lm: NgramLM, path: str) -> None:
         by_order: dict[int, list[tuple[str, ...]]] = defaultdict(list)
         for g in lm.logprob:
             by_order[len(g)].append(g)
-        with _open_text(tmp, "w") as f:
-            f.write("\\data\\\n")
-            for n in range(1, lm.order + 1):
-                f.write(f"ngram {n}={len(by_order[n])}\n")
-            for n in range(1, lm.order + 1):
-                f.write(f"\n\\{n}-grams:\n")
-                for g in sorted(by_order[n]):
-                    line = f"{lm.logprob[g] / _LN10:.6f}\t{' '.join(g)}"
-                    if n < lm.order and g in lm.backoff:
-                        line += f"\t{lm.backoff[g] / _LN10:.6f}"
-                    f.write(line + "\n")
-            f.write("\n\\end\\\n")
+        lines = ["\\data\\"]
+        lines += [f"ngram {n}={len(by_order[n])}" for n in range(1, lm.order + 1)]
+        for n in range(1, lm.order + 1):
+            lines += ["", f"\\{n}-grams:"]
+            for g in sorted(by_order[n]):
+                line = f"{lm.logprob[g] / _LN10:.6f}\t{' '.join(g)}"
+                if n < lm.order and g in lm.backoff:
+                    line += f"\t{lm.backoff[g] / _LN10:.6f}"
+                lines.append(line)
+        lines += ["", "\\end\\", ""]
+        data = "\n".join(lines).encode("utf-8")
+        if path.endswith(".gz"):  # no name, no time stamp in the header: same LM, same bytes
+            data = gzip.compress(data, mtime=0)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

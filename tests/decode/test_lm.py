@@ -62,6 +62,9 @@ def test_gzip_arpa_and_errors(tmp_path):
     path = tmp_path / "lm.arpa.gz"
     write_arpa(lm, str(path))
     assert read_arpa(str(path)).counts() == lm.counts()
+    first = path.read_bytes()
+    write_arpa(lm, str(path))
+    assert path.read_bytes() == first  # no time stamp or temp name in the gzip header
     with pytest.raises(QpipeError, match="no such language model"):
         read_arpa(str(tmp_path / "none.arpa"))
     truncated = tmp_path / "cut.arpa"

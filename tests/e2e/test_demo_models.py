@@ -25,3 +25,21 @@ def test_demo_quartznet_int8_default_pipeline_keeps_accuracy(tmp_path):
     # a trained model (random weights give ~100 % CER), and int8 stays close to it
     assert rows["float"]["cer"] < CER_CEILING, rows["float"]
     assert abs(rows["quantized"]["cer"] - rows["float"]["cer"]) <= 2.0, rows
+
+
+@pytest.mark.nemo
+@pytest.mark.slow
+def test_demo_lm_lowers_the_word_error_rate_of_float_and_int8(tmp_path):
+    from qpipe.evaluate import Decoding
+
+    out = tmp_path / "demo_int8"
+    quantize(str(MODEL), passes="default", output=str(out), progress=False)
+    greedy = evaluate(str(MODEL), [str(out)], str(HELDOUT), limit=30, progress=False)
+    beam = evaluate(str(MODEL), [str(out)], str(HELDOUT), limit=30, progress=False,
+                    decoding=Decoding(lm_path=str(ROOT / "models" / "demo_lm.arpa.gz")))
+    assert beam["decoding"]["lm_order"] == 3
+    for g, b in zip(greedy["models"], beam["models"]):
+        # the demo LM takes ~19 WER points off the float model on the full held-out set
+        assert b["wer"] < g["wer"] - 5.0, (g, b)
+    float_wer, int_wer = (r["wer"] for r in beam["models"])
+    assert abs(int_wer - float_wer) <= 3.0, beam["models"]
