@@ -623,6 +623,10 @@ def transcribe_with_lm(model, manifest: Path, lm_path: Path) -> list[str]:
     # turns dither off too; with it, the digital silence of TTS audio becomes noise).
     featurize = Featurizer(OmegaConf.to_container(model.cfg.preprocessor, resolve=True))
     decode = Decoding(lm_path=str(lm_path)).decoder_for(LABELS)
+    # NeMo's transcribe() ends with encoder.unfreeze(), which puts the encoder back in train
+    # mode: without eval() here, BatchNorm would update its running statistics on these
+    # utterances (the model in memory drifts with every call).
+    model.eval()
     hyps = []
     with torch.inference_mode():
         for e in read_manifest(manifest):
