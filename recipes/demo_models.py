@@ -742,6 +742,8 @@ the {(lm_info or {}).get('sentences', 'training')} training sentences only; alph
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
+{_target_line(results.get("heldout"))}
+
 Examples (held-out set, first utterances, greedy):
 {chr(10).join(examples)}
 
@@ -792,6 +794,18 @@ takes the same batches in the same order; only the wall clock depends on the mac
     if kept:  # sections people wrote into the card (e.g. reproducibility checks) survive
         text = text.replace("\n## Reproduce\n", "\n" + kept + "\n## Reproduce\n", 1)
     Path(path).write_text(text)
+
+
+TARGET_WER = 0.25  # the project's goal for the held-out set (issue 3)
+
+
+def _target_line(heldout: dict | None) -> str:
+    if not heldout:
+        return ""
+    best = min(x for x in (heldout.get("wer"), heldout.get("lm_wer")) if x is not None)
+    met = "met" if best <= TARGET_WER else "**not met**"
+    return (f"The project's target, float WER <= {100 * TARGET_WER:.0f} % on the held-out set, is {met}: "
+            f"{_pct(heldout.get('wer'))} greedy, {_pct(heldout.get('lm_wer'))} with the word LM.")
 
 
 KEPT_SECTIONS = ("## Reproducibility",)
