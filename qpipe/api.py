@@ -193,10 +193,8 @@ def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str], 
     decoding.load()
     qm = model if isinstance(model, QuantizedModel) else load(str(model))
     featurizer = qm.featurizer()
-    decode = decoding.decoder_for(qm.meta.get("vocabulary") or [])
-    scale = qm.output_scale if decoding.method == "beam" else 1.0
+    decode = decoding.decoder_for(qm.meta.get("vocabulary") or [], qm.output_scale)
     texts = []
     for path in audio_paths:
-        feats = featurizer.file(path)
-        texts.append(decode(qm.logits_int(feats).float() * scale))
+        texts.append(decode(qm.logits_int(featurizer.file(path))))
     return texts

@@ -295,7 +295,7 @@ def evaluate(
         return Featurizer(members[0].preprocessor)
 
     featurizers = [(featurizer_for(members), members) for members in groups.values()]
-    decoders = {id(c): decoding.decoder_for(c.vocabulary) for c in cands}
+    decoders = {id(c): decoding.decoder_for(c.vocabulary, c.logit_scale) for c in cands}
 
     from tqdm import tqdm
 
@@ -323,7 +323,7 @@ def evaluate(
                 c.feature_seconds += feature_s
                 started = time.perf_counter()
                 logits = c.forward(features)
-                hyp = decoders[id(c)](logits.float() * c.logit_scale)
+                hyp = decoders[id(c)](logits)
                 c.model_seconds += time.perf_counter() - started
                 c.hypotheses.append(hyp)
                 c.counts.append(error_counts(utt.reference, hyp, normalize=True))
@@ -355,14 +355,17 @@ class Decoding:
 
             self._lm = read_arpa(self.lm_path)
 
-    def decoder_for(self, vocabulary: Sequence[str]) -> Callable[[torch.Tensor], str]:
+    def decoder_for(self, vocabulary: Sequence[str], logit_scale: float = 1.0) -> Callable[[torch.Tensor], str]:
+        """Model output (1, T, V) -> text. Greedy reads integer logits as they are; the beam
+        search needs log-probabilities, so it reads them times ``logit_scale``."""
         from qpipe.decode import BeamSearchDecoder, greedy_ctc
 
+        vocab = list(vocabulary)
         if self.method == "greedy":
-            return lambda logits: greedy_ctc(logits, list(vocabulary))[0]
+            return lambda logits: greedy_ctc(logits, vocab)[0]
         self.load()
-        return BeamSearchDecoder(list(vocabulary), self._lm, alpha=self.alpha, beta=self.beta,
-                                 beam_width=self.beam_width or 32)
+        beam = BeamSearchDecoder(vocab, self._lm, alpha=self.alpha, beta=self.beta, beam_width=self.beam_width or 32)
+        return lambda logits: beam(logits.float() * logit_scale)
 
     def describe(self) -> dict[str, Any]:
         if self.method == "greedy":
