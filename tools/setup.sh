@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[nemo,test]'
+.venv/bin/python -m pip install -q -e '.[nemo,test,recipe]'
 .venv/bin/python -c "import torch, qpipe.ir; print('qpipe ready: torch', torch.__version__)"

@@ -33,7 +33,7 @@ def test_cli_quantizes_saves_reloads_and_transcribes(nemo_tiny_path, tmp_path):
     assert sorted(os.listdir(out)) == ["frontend.pt", "ir.txt", "model.pt2", "qpipe.json", "report.txt"]
     meta = json.loads((out / "qpipe.json").read_text())
     assert meta["pipeline"].startswith("calibrate-synthetic") is False
-    assert "calibrate-synthetic{batch=4,batches=1,init=0.3,length=48,lr=0.05,seed=0,steps=20}" in meta["pipeline"]
+    assert "calibrate-synthetic{batch=4,batches=1,init=0.3,input_norm=auto,length=48,lr=0.05,seed=0,steps=20}" in meta["pipeline"]
     assert meta["versions"]["torch"] == torch.__version__
     assert meta["vocabulary"][0] == " " and len(meta["vocabulary"]) == 28
     assert meta["outputs"][0]["bits"] == 16
