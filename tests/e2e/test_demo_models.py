@@ -14,12 +14,18 @@ HELDOUT = ROOT / "data" / "eval" / "heldout" / "manifest.json"
 CER_CEILING = 60.0  # the committed model scores ~39 % on the held-out set; random weights ~100 %
 
 
+@pytest.fixture(scope="module")
+def demo_int8(tmp_path_factory):
+    """The bundled QuartzNet through the default (data-free) pipeline, once for this module."""
+    out = tmp_path_factory.mktemp("demo") / "demo_int8"
+    quantize(str(MODEL), passes="default", output=str(out), progress=False)
+    return str(out)
+
+
 @pytest.mark.nemo
 @pytest.mark.slow
-def test_demo_quartznet_int8_default_pipeline_keeps_accuracy(tmp_path):
-    out = tmp_path / "demo_int8"
-    quantize(str(MODEL), passes="default", output=str(out), progress=False)
-    result = evaluate(str(MODEL), [str(out)], str(HELDOUT), limit=40, progress=False)
+def test_demo_quartznet_int8_default_pipeline_keeps_accuracy(demo_int8):
+    result = evaluate(str(MODEL), [demo_int8], str(HELDOUT), limit=40, progress=False)
     rows = {r["kind"]: r for r in result["models"]}
     assert result["utterances"] == 40
     # a trained model (random weights give ~100 % CER), and int8 stays close to it
@@ -29,13 +35,11 @@ def test_demo_quartznet_int8_default_pipeline_keeps_accuracy(tmp_path):
 
 @pytest.mark.nemo
 @pytest.mark.slow
-def test_demo_lm_lowers_the_word_error_rate_of_float_and_int8(tmp_path):
+def test_demo_lm_lowers_the_word_error_rate_of_float_and_int8(demo_int8):
     from qpipe.evaluate import Decoding
 
-    out = tmp_path / "demo_int8"
-    quantize(str(MODEL), passes="default", output=str(out), progress=False)
-    greedy = evaluate(str(MODEL), [str(out)], str(HELDOUT), limit=30, progress=False)
-    beam = evaluate(str(MODEL), [str(out)], str(HELDOUT), limit=30, progress=False,
+    greedy = evaluate(str(MODEL), [demo_int8], str(HELDOUT), limit=30, progress=False)
+    beam = evaluate(str(MODEL), [demo_int8], str(HELDOUT), limit=30, progress=False,
                     decoding=Decoding(lm_path=str(ROOT / "models" / "demo_lm.arpa.gz")))
     assert beam["decoding"]["lm_order"] == 3
     for g, b in zip(greedy["models"], beam["models"]):
