@@ -187,7 +187,7 @@ def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str], 
     logits times their output scale (qpipe.decode.BeamSearchDecoder).
     """
     from qpipe.artifact import QuantizedModel, load
-    from qpipe.evaluate import Decoding
+    from qpipe.decode import Decoding
 
     decoding = Decoding(beam_width=beam, lm_path=lm, alpha=alpha, beta=beta)
     decoding.load()

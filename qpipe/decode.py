@@ -7,8 +7,9 @@ argmax of the float log-probabilities (log_softmax is a per-frame shift).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -179,3 +180,47 @@ class BeamSearchDecoder:
             lm_score += lm.score(context, "<unk>") + self.unk_penalty
             oov = True
         return _Prefix(node, tok, context, partial, lm_score, words, oov)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Decoding:
+    """How logits become text, the same for every model: greedy, or beam search (+ word LM)."""
+
+    beam_width: Optional[int] = None  # None: greedy unless an LM is given
+    lm_path: Optional[str] = None
+    alpha: float = 0.8
+    beta: float = 1.5
+    _lm: Any = None
+
+    @property
+    def method(self) -> str:
+        return "beam" if (self.beam_width or self.lm_path) else "greedy"
+
+    def load(self) -> None:
+        """Read the LM now: a bad file fails before any model runs."""
+        if self.lm_path and self._lm is None:
+            from qpipe.lm import read_arpa
+
+            self._lm = read_arpa(self.lm_path)
+
+    def decoder_for(self, vocabulary: Sequence[str], logit_scale: float = 1.0) -> Callable[[torch.Tensor], str]:
+        """Model output (1, T, V) -> text. Greedy reads integer logits as they are; the beam
+        search needs log-probabilities, so it reads them times ``logit_scale``."""
+        vocab = list(vocabulary)
+        if self.method == "greedy":
+            return lambda logits: greedy_ctc(logits, vocab)[0]
+        self.load()
+        beam = BeamSearchDecoder(vocab, self._lm, alpha=self.alpha, beta=self.beta, beam_width=self.beam_width or 32)
+        return lambda logits: beam(logits.float() * logit_scale)
+
+    def describe(self) -> dict[str, Any]:
+        if self.method == "greedy":
+            return {"method": "greedy"}
+        out: dict[str, Any] = {"method": "beam", "beam_width": self.beam_width or 32}
+        if self.lm_path:
+            out.update({"lm": os.path.abspath(self.lm_path), "lm_order": self._lm.order if self._lm else None,
+                        "alpha": self.alpha, "beta": self.beta})
+        return out

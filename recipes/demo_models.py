@@ -681,7 +681,7 @@ def transcribe_with_lm(model, manifest: Path, lm_path: Path) -> list[str]:
 
     from omegaconf import OmegaConf
 
-    from qpipe.evaluate import Decoding
+    from qpipe.decode import Decoding
     from qpipe.frontends.audio import Featurizer
     # qpipe eval's front end: the model's preprocessor without dither (NeMo's transcribe
     # turns dither off too; with it, the digital silence of TTS audio becomes noise).

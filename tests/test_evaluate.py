@@ -289,7 +289,7 @@ def test_eval_with_a_word_lm(tiny_quantized, capsys):
 def test_decoding_describes_itself():
     import torch
 
-    from qpipe.evaluate import Decoding
+    from qpipe.decode import Decoding
 
     assert Decoding().describe() == {"method": "greedy"}
     assert Decoding(beam_width=8).describe() == {"method": "beam", "beam_width": 8}
