@@ -158,7 +158,7 @@ def build_kneser_ney(sentences: Iterable[str], order: int = 3, discount: Optiona
             weight[ctx] = d * ctx_types[ctx] / tot
         for g, k in kn[n].items():
             ctx = g[:-1]
-            lower = uniform if n == 1 else _interp(prob, weight, g[1:], uniform)
+            lower = uniform if n == 1 else prob[g[1:]]  # every suffix is a lower-order n-gram
             prob[g] = max(k - d, 0.0) / ctx_total[ctx] + weight[ctx] * lower
         if n == 1:
             prob[(UNK,)] = weight[()] * uniform
@@ -166,15 +166,6 @@ def build_kneser_ney(sentences: Iterable[str], order: int = 3, discount: Optiona
     logprob[(BOS,)] = -99.0 * _LN10  # never predicted; ARPA convention
     backoff = {ctx: math.log(w) for ctx, w in weight.items() if ctx and w > 0}
     return NgramLM(order=order, logprob=logprob, backoff=backoff)
-
-
-def _interp(prob: dict, weight: dict, g: tuple[str, ...], uniform: float) -> float:
-    """Interpolated probability of an n-gram from the lower orders built so far."""
-    if g in prob:
-        return prob[g]
-    if len(g) == 1:  # an unseen word at the unigram level (cannot happen while building)
-        return weight.get((), 1.0) * uniform
-    return weight.get(g[:-1], 1.0) * _interp(prob, weight, g[1:], uniform)
 
 
 def read_sentences(paths: Sequence[str]) -> list[str]:

@@ -674,34 +674,18 @@ def build_demo_lm(corpus: CorpusInfo, out_path: Path, order: int = LM_ORDER) -> 
     return info
 
 
-def transcribe_with_lm(model, manifest: Path, lm_path: Path) -> list[str]:
-    """Float log-probs of the .nemo, decoded by qpipe's beam search with the word LM
-    (qpipe eval's defaults: beam 32, alpha 0.8, beta 1.5)."""
-    import torch
-
-    from omegaconf import OmegaConf
-
+def lm_wer_cer(nemo_path: Path, manifest: Path, lm_path: Path) -> dict:
+    """WER/CER (fractions) of the .nemo decoded with the word LM, by ``qpipe eval`` itself
+    (beam 32, alpha 0.8, beta 1.5; its front end has no dither)."""
     from qpipe.decode import Decoding
-    from qpipe.frontends.audio import Featurizer
-    # qpipe eval's front end: the model's preprocessor without dither (NeMo's transcribe
-    # turns dither off too; with it, the digital silence of TTS audio becomes noise).
-    featurize = Featurizer(OmegaConf.to_container(model.cfg.preprocessor, resolve=True))
-    decode = Decoding(lm_path=str(lm_path)).decoder_for(LABELS)
-    # NeMo's transcribe() ends with encoder.unfreeze(), which puts the encoder back in train
-    # mode: without eval() here, BatchNorm would update its running statistics on these
-    # utterances (the model in memory drifts with every call).
-    model.eval()
-    hyps = []
-    with torch.inference_mode():
-        for e in read_manifest(manifest):
-            feats = featurize.file(e["audio_filepath"])
-            lp, lens, _ = model.forward(processed_signal=feats,
-                                        processed_signal_length=torch.tensor([feats.shape[2]]))
-            hyps.append(decode(lp[:, :int(lens[0])]))
-    return hyps
+    from qpipe.evaluate import evaluate as qpipe_evaluate
+    row = qpipe_evaluate(str(nemo_path), [], str(manifest), progress=False,
+                         decoding=Decoding(lm_path=str(lm_path)))["models"][0]
+    return {"wer": row["wer"] / 100, "cer": row["cer"] / 100}
 
 
-def evaluate(model, manifests: dict[str, Path], lm_path: Path | None = None) -> dict:
+def evaluate(model, manifests: dict[str, Path], lm_path: Path | None = None,
+             nemo_path: Path | None = None) -> dict:
     out = {}
     for name, m in manifests.items():
         if m is None or not Path(m).exists():
@@ -710,7 +694,7 @@ def evaluate(model, manifests: dict[str, Path], lm_path: Path | None = None) -> 
         res = wer_cer(refs, hyps)
         res["examples"] = [{"ref": refs[i], "hyp": hyps[i]} for i in range(min(3, len(refs)))]
         if lm_path is not None:
-            lm = wer_cer(refs, transcribe_with_lm(model, Path(m), lm_path))
+            lm = lm_wer_cer(nemo_path, Path(m), lm_path)
             res["lm_wer"], res["lm_cer"] = lm["wer"], lm["cer"]
         out[name] = res
         print(f"[eval] {name}: WER {res['wer']:.3f} CER {res['cer']:.3f} (n={res['n']})"
