@@ -103,3 +103,48 @@ def test_piper_renders_are_repeatable(tmp_path):
         digests.append(hashlib.sha256(Path(j.out).read_bytes()).hexdigest())
     assert digests[0] == digests[2]  # same seed, same audio (even after another job)
     assert digests[0] != digests[1]  # another seed, another noise offset and scales
+
+
+def _tiny_corpus(n: int = 6, frames: int = 80) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"features": [torch.randn(64, frames + 8 * i, generator=g).half() for i in range(n)],
+            "tokens": [torch.randint(1, 28, (6 + i,), generator=g, dtype=torch.int32) for i in range(n)],
+            "text": ["x"] * n}
+
+
+def test_bf16_conformer_training_is_bit_reproducible_and_recorded(tmp_path):
+    """The demo Conformer's recipe (bf16 autocast, no SpecAugment, no dropout) trains
+    deterministically on one thread: a re-run gives the same weights."""
+    pytest.importorskip("nemo")
+    from nemo.collections.asr.models import EncDecCTCModel
+    data = _tiny_corpus()
+    runs = []
+    threads = torch.get_num_threads()  # train_cached pins one thread; give the rest back
+    for k in range(2):
+        info = ft.train_cached("conformer", data, None, tmp_path / f"m{k}.nemo", steps=3,
+                                       seed=5, batch_size=2, lr=1e-3, warmup_steps=1,
+                                       log_every=10, precision="bf16")
+        runs.append(EncDecCTCModel.restore_from(str(tmp_path / f"m{k}.nemo"), map_location="cpu"))
+    torch.set_num_threads(threads)
+    assert info["precision"] == "bf16" and info["spec_augment"] is None
+    assert runs[0].cfg.encoder.dropout == 0.0
+    a, b = runs[0].state_dict(), runs[1].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = ft.build_model("conformer").state_dict()
+    assert any(not torch.equal(a[k], fresh[k]) for k in a if a[k].is_floating_point())  # it trained
+    with pytest.raises(ValueError, match="precision"):
+        ft.train_cached("conformer", data, None, tmp_path / "x.nemo", steps=1, seed=0,
+                                precision="fp16")
+
+
+def test_model_card_names_bf16_and_missing_spec_augment(tmp_path):
+    nemo = tmp_path / "demo_conformer.nemo"
+    nemo.write_bytes(b"x")
+    train = {"arch": "conformer", "params": 1, "steps": 2, "epochs": 1, "train_seconds": 6.0,
+             "batch_size": 2, "peak_lr": 0.004, "warmup_steps": 1, "torch_threads": 1,
+             "precision": "bf16", "spec_augment": None, "history": []}
+    corpus = dm.CorpusInfo(tmp_path / "t.json", tmp_path / "d.json", tmp_path / "h.json", stats={})
+    card = tmp_path / "demo_conformer.md"
+    dm.write_model_card(card, "conformer", nemo, train, corpus, {}, "tools/make-demo-models")
+    row = next(line for line in card.read_text().splitlines() if line.startswith("| CPU"))
+    assert "1 thread, bf16 autocast" in row and row.endswith("| none |")
