@@ -267,7 +267,7 @@ def _train_child(job: dict) -> dict:
                         job["seed"], batch_size=job["batch_size"], lr=job["lr"],
                         warmup_steps=job["warmup_steps"], threads=job["threads"],
                         eval_every=job["eval_every"], log_file=Path(job["log"]),
-                        precision=job.get("precision", "fp32"))
+                        precision=job["precision"])
 
 
 def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_dir: Path,
