@@ -81,12 +81,15 @@ def test_model_card_round_trip_keeps_train_facts_and_written_sections(tmp_path):
     dm.write_model_card(card, "quartznet", nemo, train, corpus, results, "tools/make-demo-models",
                         lm_info={"path": "demo_lm.arpa.gz", "order": 3, "sentences": 7})
     assert "| 50.0 % | 20.0 % | 40.0 % | 21.0 % |" in card.read_text()
-    card.write_text(card.read_text().replace("\n## Reproduce\n", "\n## Reproducibility (checked)\n\nby hand\n\n## Reproduce\n"))
+    card.write_text(card.read_text().replace(
+        "\n## Reproduce\n", "\n## Reproducibility (checked)\n\nby hand\n\n"
+        "## Measured, not adopted\n\ntried\n\n## Reproduce\n"))
     facts = dm.read_model_card(card)
     assert facts["train"]["history"] == train["history"] and facts["train"]["steps"] == 10
     dm.write_model_card(card, "quartznet", nemo, facts["train"], corpus, results, "tools/make-demo-models")
     text = card.read_text()
     assert text.count("## Reproducibility (checked)\n\nby hand") == 1
+    assert text.count("## Measured, not adopted\n\ntried") == 1
     assert text.index("## Reproducibility") < text.index("## Reproduce\n")
 
 
@@ -137,6 +140,48 @@ def test_bf16_conformer_training_is_bit_reproducible_and_recorded(tmp_path):
     with pytest.raises(ValueError, match="precision"):
         ft.train_cached("conformer", data, None, tmp_path / "x.nemo", steps=1, seed=0,
                         precision="fp16")
+
+
+def test_two_thread_conformer_training_is_bit_reproducible(tmp_path):
+    """The demo Conformer trains on two threads: a re-run with two threads must give the
+    same weights (the card's reproduction claim rests on it)."""
+    pytest.importorskip("nemo")
+    data = _tiny_corpus()
+    threads = torch.get_num_threads()
+    weights = []
+    for k in range(2):
+        info = ft.train_cached("conformer", data, None, tmp_path / f"m{k}.nemo", steps=3,
+                               seed=5, batch_size=3, lr=1e-3, warmup_steps=1, threads=2,
+                               log_every=10, precision="bf16")
+        weights.append(_nemo_weights(tmp_path / f"m{k}.nemo"))
+    torch.set_num_threads(threads)
+    assert info["torch_threads"] == 2 and info["cpu_cores"] >= 1
+    a, b = weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _nemo_weights(path: Path) -> dict:
+    import tarfile
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
+        return torch.load(tar.extractfile(member), map_location="cpu", weights_only=True)
+
+
+def test_models_train_side_by_side_only_when_their_threads_fit():
+    assert ft.concurrent_jobs([1, 2], None, cores=2) == 1  # the demo recipe on 2 cores
+    assert ft.concurrent_jobs([1, 2], None, cores=4) == 2
+    assert ft.concurrent_jobs([1, 1], None, cores=2) == 2
+    assert ft.concurrent_jobs([2], 3, cores=2) == 1  # never more processes than models
+    assert ft.concurrent_jobs([1, 2], 2, cores=2) == 2  # asked for: oversubscribed
+
+
+def test_model_card_says_how_much_of_the_machine_the_run_had(tmp_path):
+    alone = {"torch_threads": 2, "concurrent_jobs": 1, "cpu_cores": 2}
+    assert dm._machine_share(alone) == "with 2 threads on a 2-core CPU machine, alone on it"
+    legacy = {"torch_threads": 1}  # cards from the side-by-side recipe lack the fields
+    assert "while a second training job used the other" in dm._machine_share(legacy)
+    assert dm._machine_share({"torch_threads": 1, "concurrent_jobs": 1, "cpu_cores": 2}) == \
+        "with 1 thread on a 2-core CPU machine, alone on it"
 
 
 def test_model_card_names_bf16_and_missing_spec_augment(tmp_path):
