@@ -93,16 +93,21 @@ def _pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_batches(lengths: list[int], batch_size: int, rng: random.Random,
-                 sort_ascending: bool = False) -> list[list[int]]:
+                 sort_ascending: bool = False,
+                 repeats: list[int] | None = None) -> list[list[int]]:
     """Semi-sorted batches: shuffle, sort inside pools of 50 batches, shuffle batches.
 
     ``sort_ascending`` gives SortaGrad order (short utterances first) for the first
-    epoch, which gets CTC off its all-blank plateau sooner.
+    epoch, which gets CTC off its all-blank plateau sooner (each utterance once).
+    ``repeats`` (one count per utterance) lets an epoch see some utterances more than
+    once: the voices the model finds hardest get a larger share of the steps.
     """
     idx = list(range(len(lengths)))
     if sort_ascending:
         idx.sort(key=lambda i: lengths[i])
         return [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    if repeats is not None:
+        idx = [i for i in idx for _ in range(repeats[i])]
     rng.shuffle(idx)
     pool = batch_size * 50
     batches = []
@@ -111,6 +116,56 @@ def make_batches(lengths: list[int], batch_size: int, rng: random.Random,
         batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def engine_repeats(voices: list[str], weights: dict[str, int] | None) -> list[int] | None:
+    """Per-utterance repeat counts from per-engine weights (``{"piper": 3}``: each piper
+    utterance three times an epoch); engines not named count once."""
+    if not weights:
+        return None
+    return [max(1, int(weights.get(v.split(":")[0], 1))) for v in voices]
+
+
+class MelWarp:
+    """Vocal-tract-length perturbation of cached log-mel features.
+
+    Scaling every formant by ``alpha`` (a shorter vocal tract: alpha > 1) moves the
+    spectrum along the frequency axis, so on a mel spectrogram it is a resampling of the
+    rows: row m takes the value the unwarped utterance had at frequency
+    ``center(m) / alpha``.  It gives the male-only voices of an engine (flite's kal, awb,
+    rms; piper's joe) the formants of shorter vocal tracts without re-synthesizing audio.
+    Applied to the cached, per-feature-normalized rows, it moves each band's time course
+    to its warped place, which is the speaker cue the normalization leaves.
+    """
+
+    def __init__(self, p: float, lo: float, hi: float, engines: list[str],
+                 n_mels: int = 64, sample_rate: int = 16000):
+        import librosa
+        self.p, self.lo, self.hi, self.engines = p, lo, hi, set(engines)
+        # bin centers of the slaney mel filterbank NeMo's preprocessor uses
+        self.centers = librosa.mel_frequencies(n_mels + 2, fmin=0.0,
+                                               fmax=sample_rate / 2)[1:-1].astype("float64")
+
+    def rows(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Source rows (below, above) and the weight of ``above`` for each output row."""
+        import numpy as np
+        pos = np.interp(self.centers / alpha, self.centers, np.arange(len(self.centers)))
+        lo = np.floor(pos).astype("int64")
+        hi = np.minimum(lo + 1, len(self.centers) - 1)
+        return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(pos - lo).float()
+
+    def warp(self, feat: torch.Tensor, alpha: float) -> torch.Tensor:
+        lo, hi, w = self.rows(alpha)
+        f = feat.float()
+        return f[lo] * (1 - w[:, None]) + f[hi] * w[:, None]
+
+    def maybe(self, feat: torch.Tensor, voice: str, rng: random.Random) -> torch.Tensor:
+        if voice.split(":")[0] not in self.engines or rng.random() >= self.p:
+            return feat
+        return self.warp(feat, rng.uniform(self.lo, self.hi))
+
+    def describe(self) -> dict:
+        return {"p": self.p, "alpha": [self.lo, self.hi], "engines": sorted(self.engines)}
 
 
 def greedy_decode(log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
@@ -146,7 +201,8 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
                  warmup_steps: int = 200, weight_decay: float = 1e-3,
                  threads: int = 1, eval_every: int = 1000, log_every: int = 100,
                  sortagrad: bool = True, log_file: Path | None = None,
-                 precision: str = "fp32") -> dict:
+                 precision: str = "fp32", engine_weights: dict[str, int] | None = None,
+                 mel_warp: dict | None = None) -> dict:
     """Train ``arch`` for exactly ``steps`` optimizer steps; save a .nemo; return facts.
 
     ``precision="bf16"`` runs the forward pass under CPU bfloat16 autocast (weights,
@@ -175,7 +231,11 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
         return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * frac))
 
     lengths = [f.shape[1] for f in train_data["features"]]
+    voices = train_data.get("voice") or [""] * len(lengths)
+    repeats = engine_repeats(voices, engine_weights)
+    warper = MelWarp(**mel_warp) if mel_warp else None
     rng = random.Random(seed)
+    warp_rng = random.Random(seed + 1)  # batches stay the same with or without warping
     log = open(log_file, "a") if log_file else None
 
     def say(msg: str) -> None:
@@ -193,10 +253,13 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
     while step < steps:
         if not batches:
             batches = make_batches(lengths, batch_size, rng,
-                                   sort_ascending=sortagrad and epoch == 0)
+                                   sort_ascending=sortagrad and epoch == 0, repeats=repeats)
             epoch += 1
         idx = batches.pop(0)
-        x, xl = _pad([train_data["features"][i] for i in idx])
+        feats = [train_data["features"][i] for i in idx]
+        if warper is not None:
+            feats = [warper.maybe(f, voices[i], warp_rng) for f, i in zip(feats, idx)]
+        x, xl = _pad(feats)
         toks = [train_data["tokens"][i] for i in idx]
         tl = torch.tensor([len(t) for t in toks])
         y = torch.zeros(len(toks), int(tl.max()), dtype=torch.long)
@@ -239,6 +302,8 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
             "schedule": "linear warmup, cosine to 1 % by the last step",
             "sortagrad": sortagrad, "torch_threads": threads, "seed": seed,
             "precision": precision,
+            "engine_weights": dict(engine_weights) if engine_weights else None,
+            "mel_warp": warper.describe() if warper else None,
             "spec_augment": dict(model.cfg.spec_augment) if model.cfg.get("spec_augment") else None,
             "history": history,
             "device_name": "CPU", "cpu_cores": os.cpu_count(),
@@ -277,7 +342,9 @@ def _train_child(job: dict) -> dict:
                         job["seed"], batch_size=job["batch_size"], lr=job["lr"],
                         warmup_steps=job["warmup_steps"], threads=job["threads"],
                         eval_every=job["eval_every"], log_file=Path(job["log"]),
-                        precision=job["precision"]) | {
+                        precision=job["precision"],
+                        engine_weights=job.get("engine_weights"),
+                        mel_warp=job.get("mel_warp")) | {
                             "concurrent_jobs": job.get("concurrent_jobs", 1)}
 
 

@@ -40,6 +40,35 @@ def test_batches_are_seeded_and_sortagrad_is_ascending():
     assert asc == sorted(lengths)
 
 
+def test_engine_weights_repeat_an_engines_utterances_each_epoch():
+    voices = ["espeak:en-us+m1", "flite:kal", "piper:joe", "flite:awb", "espeak:en-gb+f1"]
+    repeats = ft.engine_repeats(voices, {"flite": 2, "piper": 3})
+    assert repeats == [1, 2, 3, 2, 1]
+    assert ft.engine_repeats(voices, None) is None
+    batches = ft.make_batches([10, 20, 30, 40, 50], 2, random.Random(0), repeats=repeats)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == [0, 1, 1, 2, 2, 2, 3, 3, 4]
+    # SortaGrad's first epoch takes every utterance once, whatever the weights
+    first = ft.make_batches([10, 20, 30, 40, 50], 2, random.Random(0), True, repeats)
+    assert sorted(i for b in first for i in b) == list(range(5))
+
+
+def test_mel_warp_moves_a_band_to_alpha_times_its_frequency():
+    """A formant at frequency f must come out at alpha * f: feed a single lit mel row
+    and find where the warped one peaks."""
+    w = ft.MelWarp(p=1.0, lo=1.2, hi=1.2, engines=["flite"])
+    x = torch.zeros(64, 5)
+    x[30] = 1.0
+    assert torch.equal(w.warp(x, 1.0), x)  # alpha 1: nothing moves
+    for alpha in (0.9, 1.15, 1.25):
+        y = w.warp(x, alpha)
+        peak_hz = float((torch.from_numpy(w.centers).float() * y[:, 0]).sum() / y[:, 0].sum())
+        assert abs(peak_hz / (w.centers[30] * alpha) - 1) < 0.02, alpha
+    rng = random.Random(0)
+    assert w.maybe(x, "espeak:en-us+m1", rng) is x  # engine not named: untouched
+    assert not torch.equal(w.maybe(x, "flite:kal", rng), x)
+
+
 def test_greedy_decode_collapses_repeats_and_drops_blank():
     blank = len(dm.LABELS)
     # "h h blank e l l blank l o" -> "hello"
@@ -190,3 +219,25 @@ def test_model_card_names_bf16_and_missing_spec_augment(tmp_path):
     dm.write_model_card(card, "conformer", nemo, train, corpus, {}, "tools/make-demo-models")
     row = next(line for line in card.read_text().splitlines() if line.startswith("| CPU"))
     assert "1 thread, bf16 autocast" in row and row.endswith("| none |")
+
+
+def test_model_card_breaks_heldout_wer_down_by_voice_and_names_the_voice_mix(tmp_path):
+    refs = ["the cat sat", "a dog ran", "the cat sat"]
+    hyps = ["the cat sat", "a dog ran", "a cab sat"]
+    by = dm.wer_by_voice(refs, hyps, ["flite:slt", "espeak:en-us+f4", "flite:slt"])
+    assert by["espeak:en-us+f4"]["wer"] == 0.0 and by["flite:slt"]["wer"] == pytest.approx(2 / 6)
+    nemo = tmp_path / "demo_conformer.nemo"
+    nemo.write_bytes(b"x")
+    train = {"arch": "conformer", "params": 1, "steps": 2, "epochs": 1, "train_seconds": 6.0,
+             "batch_size": 2, "peak_lr": 0.004, "warmup_steps": 1, "torch_threads": 1,
+             "precision": "bf16", "spec_augment": None, "history": [],
+             "engine_weights": {"piper": 3, "flite": 2},
+             "mel_warp": {"p": 0.5, "alpha": [0.95, 1.25], "engines": ["flite", "piper"]}}
+    corpus = dm.CorpusInfo(tmp_path / "t.json", tmp_path / "d.json", tmp_path / "h.json", stats={})
+    results = {"heldout": {"wer": 0.2, "cer": 0.1, "n": 3, "examples": [], "by_voice": by}}
+    card = tmp_path / "demo_conformer.md"
+    dm.write_model_card(card, "conformer", nemo, train, corpus, results, "tools/make-demo-models")
+    text = card.read_text()
+    assert "| flite:slt | 2 | 33.3 % |" in text and "| espeak:en-us+f4 | 1 | 0.0 % |" in text
+    assert "each flite utterance 2x, each piper utterance 3x per epoch" in text
+    assert "formants x 0.95-1.25) on 50 % of the flite/piper utterances" in text
