@@ -135,12 +135,16 @@ class MelWarp:
     ``center(m) / alpha``.  It gives the male-only voices of an engine (flite's kal, awb,
     rms; piper's joe) the formants of shorter vocal tracts without re-synthesizing audio.
     Applied to the cached, per-feature-normalized rows, it moves each band's time course
-    to its warped place, which is the speaker cue the normalization leaves.
+    to its warped place, which is the speaker cue the normalization leaves.  Measured on
+    the demo Conformer (2026-11-26): it did not bring flite ``slt`` closer; see its card.
     """
 
     def __init__(self, p: float, lo: float, hi: float, engines: list[str],
                  n_mels: int = 64, sample_rate: int = 16000):
         import librosa
+        if not (0.0 <= p <= 1.0 and 0.0 < lo <= hi):
+            raise ValueError(f"mel_warp needs 0 <= p <= 1 and 0 < lo <= hi, got p={p}, "
+                             f"lo={lo}, hi={hi}")
         self.p, self.lo, self.hi, self.engines = p, lo, hi, set(engines)
         # bin centers of the slaney mel filterbank NeMo's preprocessor uses
         self.centers = librosa.mel_frequencies(n_mels + 2, fmin=0.0,

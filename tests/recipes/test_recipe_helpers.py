@@ -67,6 +67,8 @@ def test_mel_warp_moves_a_band_to_alpha_times_its_frequency():
     rng = random.Random(0)
     assert w.maybe(x, "espeak:en-us+m1", rng) is x  # engine not named: untouched
     assert not torch.equal(w.maybe(x, "flite:kal", rng), x)
+    with pytest.raises(ValueError, match="mel_warp"):
+        ft.MelWarp(p=0.5, lo=1.2, hi=0.9, engines=["flite"])
 
 
 def test_greedy_decode_collapses_repeats_and_drops_blank():
