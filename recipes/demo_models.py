@@ -636,15 +636,15 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def transcribe_manifest(model, manifest: Path, batch_size: int = 16) -> tuple[list[str], list[str]]:
+def transcribe_manifest(model, manifest: Path, batch_size: int = 16) -> tuple[list[dict], list[str]]:
+    """The manifest's entries and the model's greedy hypothesis for each."""
     entries = read_manifest(manifest)
     paths = [e["audio_filepath"] for e in entries]
-    refs = [e["text"] for e in entries]
     hyps = model.transcribe(paths, batch_size=batch_size, verbose=False)
     if isinstance(hyps, tuple):
         hyps = hyps[0]
     hyps = [h.text if hasattr(h, "text") else str(h) for h in hyps]
-    return refs, hyps
+    return entries, hyps
 
 
 def eval_norm(t: str) -> str:
@@ -708,10 +708,11 @@ def evaluate(model, manifests: dict[str, Path], lm_path: Path | None = None,
     for name, m in manifests.items():
         if m is None or not Path(m).exists():
             continue
-        refs, hyps = transcribe_manifest(model, Path(m))
+        entries, hyps = transcribe_manifest(model, Path(m))
+        refs = [e["text"] for e in entries]
         res = wer_cer(refs, hyps)
         res["examples"] = [{"ref": refs[i], "hyp": hyps[i]} for i in range(min(3, len(refs)))]
-        voices = [e.get("voice") for e in read_manifest(Path(m))]
+        voices = [e.get("voice") for e in entries]
         if name == "heldout" and all(voices):
             res["by_voice"] = wer_by_voice(refs, hyps, voices)
         if lm_path is not None:

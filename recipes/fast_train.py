@@ -118,12 +118,17 @@ def make_batches(lengths: list[int], batch_size: int, rng: random.Random,
     return batches
 
 
+def _engine(voice: str) -> str:
+    """'flite:kal' -> 'flite' (manifest voices are ENGINE:VOICE)."""
+    return voice.split(":")[0]
+
+
 def engine_repeats(voices: list[str], weights: dict[str, int] | None) -> list[int] | None:
     """Per-utterance repeat counts from per-engine weights (``{"piper": 3}``: each piper
     utterance three times an epoch); engines not named count once."""
     if not weights:
         return None
-    return [max(1, int(weights.get(v.split(":")[0], 1))) for v in voices]
+    return [max(1, int(weights.get(_engine(v), 1))) for v in voices]
 
 
 class MelWarp:
@@ -164,7 +169,7 @@ class MelWarp:
         return f[lo] * (1 - w[:, None]) + f[hi] * w[:, None]
 
     def maybe(self, feat: torch.Tensor, voice: str, rng: random.Random) -> torch.Tensor:
-        if voice.split(":")[0] not in self.engines or rng.random() >= self.p:
+        if _engine(voice) not in self.engines or rng.random() >= self.p:
             return feat
         return self.warp(feat, rng.uniform(self.lo, self.hi))
 
