@@ -19,14 +19,21 @@ PITCH_FLOOR_HZ = 60.0
 PITCH_CEILING_HZ = 500.0
 
 
-def median_f0(x: np.ndarray, sample_rate: int) -> float | None:
-    """Median F0 of the voiced frames (Hz), or None when nothing is voiced."""
+def _pitch(x: np.ndarray, sample_rate: int):
     import parselmouth
-    from parselmouth.praat import call
     snd = parselmouth.Sound(np.asarray(x, dtype=np.float64), sampling_frequency=sample_rate)
-    pitch = snd.to_pitch(pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ)
+    return snd, snd.to_pitch(pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ)
+
+
+def _median_hz(pitch) -> float | None:
+    from parselmouth.praat import call
     f0 = call(pitch, "Get quantile", 0, 0, 0.5, "Hertz")
     return float(f0) if math.isfinite(f0) else None
+
+
+def median_f0(x: np.ndarray, sample_rate: int) -> float | None:
+    """Median F0 of the voiced frames (Hz), or None when nothing is voiced."""
+    return _median_hz(_pitch(x, sample_rate)[1])
 
 
 def change_gender(x: np.ndarray, sample_rate: int, formant_ratio: float, pitch_median: float,
@@ -44,13 +51,12 @@ def change_gender(x: np.ndarray, sample_rate: int, formant_ratio: float, pitch_m
                          f" not {pitch_median}")
     import parselmouth
     from parselmouth.praat import call
-    f0 = median_f0(x, sample_rate)
+    snd, pitch = _pitch(x, sample_rate)  # one pitch analysis: the check and the conversion
+    f0 = _median_hz(pitch)
     if f0 is None or (only_below_hz is not None and f0 >= only_below_hz):
         return None
-    snd = parselmouth.Sound(np.asarray(x, dtype=np.float64), sampling_frequency=sample_rate)
     parselmouth.praat.run(f"random_initializeWithSeedUnsafelyButPredictably ({int(seed)})\n")
-    out = call(snd, "Change gender", PITCH_FLOOR_HZ, PITCH_CEILING_HZ, formant_ratio,
-               pitch_median, 1.0, 1.0)
+    out = call([snd, pitch], "Change gender", formant_ratio, pitch_median, 1.0, 1.0)
     y = np.asarray(out.values[0], dtype=np.float32)
     if out.sampling_frequency != sample_rate:
         raise RuntimeError(f"Praat returned {out.sampling_frequency} Hz, not {sample_rate}")
