@@ -336,23 +336,19 @@ def render(job: Job) -> dict | None:
 
 
 def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
-               kokoro: float = 0.0, gender_change: float = 0.0, pico: float = 0.0) -> Job:
-    """One training/dev utterance.  ``kokoro`` and ``pico`` (shares of utterances spoken
-    by Kokoro's or SVOX Pico's voices) and ``gender_change`` (chance that a flite/piper
-    utterance is converted to a female-range voice) draw from ``rng`` only when non-zero,
-    so the default corpus is the same with or without them."""
+               kokoro: float = 0.0, gender_change: float = 0.0, pico: float = 0.0,
+               option_rng: random.Random | None = None) -> Job:
+    """One training/dev utterance of the default voice mix, then the optional voices.
+
+    ``kokoro`` and ``pico`` (shares of utterances spoken by Kokoro's or SVOX Pico's
+    voices) and ``gender_change`` (chance that a flite/piper utterance is converted to a
+    female-range voice) draw from ``option_rng`` only, never from ``rng``: whatever the
+    options, ``rng`` (and so the rest of the corpus plan, the held-out set included) is
+    consumed the same way, and every utterance they leave alone is the default one.
+    """
     r = rng.random()
     p_piper = 0.2 if use_piper else 0.0
-    u = rng.random() if (kokoro or pico) else 1.0
-    if u < kokoro:
-        from recipes.kokoro_voice import FEMALE_VOICES, VOICES
-        v = rng.choice(FEMALE_VOICES) if rng.random() < 0.85 else VOICES[-1]
-        j = Job(idx, "kokoro", v, text, norm, out, speed=rng.uniform(0.85, 1.2))
-    elif u < kokoro + pico:
-        from recipes.pico_voice import VOICES as PICO_VOICES
-        j = Job(idx, "pico", rng.choice(PICO_VOICES), text, norm, out,
-                speed=rng.uniform(0.8, 1.25), pitch=rng.uniform(0.85, 1.2))
-    elif r < p_piper:
+    if r < p_piper:
         j = Job(idx, "piper", "joe", text, norm, out, speed=rng.uniform(0.8, 1.25))
         if rng.random() < 0.6:
             j.sox_pitch = rng.choice([-1, 1]) * rng.randint(100, 600)
@@ -367,9 +363,6 @@ def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
         v = f"{rng.choice(ESPEAK_LANGS)}+{rng.choice(ESPEAK_TRAIN_VARIANTS)}"
         j = Job(idx, "espeak", v, text, norm, out, speed=rng.uniform(0.75, 1.3),
                 pitch=rng.uniform(15, 85))
-    if gender_change and j.engine in ("flite", "piper") and rng.random() < gender_change:
-        j.gender = (rng.uniform(1.10, 1.25), rng.uniform(170, 240))
-        j.sox_pitch = 0  # the conversion sets pitch and formants itself
     j.reverb = rng.random() < 0.15
     j.band = rng.random() < 0.1
     if rng.random() < 0.5:
@@ -377,7 +370,28 @@ def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
         j.noise_kind = rng.choice(["white", "pink", "brown"])
     j.gain_db = rng.uniform(-12, 0)
     j.seed = rng.randrange(2 ** 31)
+    if kokoro or pico or gender_change:
+        _apply_voice_options(j, option_rng or random.Random(f"voice-options:{idx}"),
+                             kokoro, gender_change, pico)
     return j
+
+
+def _apply_voice_options(j: Job, rng: random.Random, kokoro: float, gender_change: float,
+                         pico: float) -> None:
+    """Give a planned job one of the optional voices (its augmentation stays)."""
+    u = rng.random()
+    if u < kokoro:
+        from recipes.kokoro_voice import FEMALE_VOICES, VOICES
+        j.engine = "kokoro"
+        j.voice = rng.choice(FEMALE_VOICES) if rng.random() < 0.85 else VOICES[-1]
+        j.speed, j.pitch, j.sox_pitch = rng.uniform(0.85, 1.2), 50.0, 0
+    elif u < kokoro + pico:
+        from recipes.pico_voice import VOICES as PICO_VOICES
+        j.engine, j.voice = "pico", rng.choice(PICO_VOICES)
+        j.speed, j.pitch, j.sox_pitch = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.2), 0
+    elif gender_change and j.engine in ("flite", "piper") and rng.random() < gender_change:
+        j.gender = (rng.uniform(1.10, 1.25), rng.uniform(170, 240))
+        j.sox_pitch = 0  # the conversion sets pitch and formants itself
 
 
 def _heldout_job(idx, text, norm, out, rng: random.Random) -> Job:
@@ -507,13 +521,19 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
     # held-out / dev sentences must not appear in the training text
     assert not ({n for _, n in heldout_pairs + dev_pairs} & {n for _, n in train_pairs})
     audio_dir = Path(heldout_dir) / "audio"
+
+    def options(split: str, i: int) -> random.Random:
+        """The optional voices' own RNG for one utterance (see _train_job)."""
+        return random.Random(f"{seed}:{split}:{i}")
+
     jobs = []
     for i in range(n_train):
         text, norm = train_pairs[i % len(train_pairs)]
         jobs.append(_train_job(i, text, norm, str(Path(work_dir) / "train" / f"{i:06d}.wav"),
-                               rng, use_piper, kokoro, gender_change, pico))
+                               rng, use_piper, kokoro, gender_change, pico,
+                               options("train", i)))
     dev_jobs = [_train_job(i, t, n, str(Path(work_dir) / "dev" / f"{i:05d}.wav"), rng,
-                           use_piper, kokoro, gender_change, pico)
+                           use_piper, kokoro, gender_change, pico, options("dev", i))
                 for i, (t, n) in enumerate(dev_pairs)]
     ho_jobs = [_heldout_job(i, t, n, str(audio_dir / f"{i:04d}.wav"), rng)
                for i, (t, n) in enumerate(heldout_pairs)]

@@ -117,11 +117,12 @@ def test_voice_mix_options_leave_the_default_corpus_plan_alone():
                 for i in range(3000)]
         return jobs, rng.random()
     default, after = plan()
-    explicit, after2 = plan(kokoro=0.0, gender_change=0.0)
+    explicit, after2 = plan(kokoro=0.0, gender_change=0.0, pico=0.0)
     assert explicit == default and after2 == after
-    assert not any(j.engine == "kokoro" or j.gender for j in default)
+    assert not any(j.engine in ("kokoro", "pico") or j.gender for j in default)
 
-    mixed, _ = plan(kokoro=0.3, gender_change=0.5)
+    mixed, after3 = plan(kokoro=0.3, gender_change=0.5)
+    assert after3 == after  # the options never draw from the corpus RNG
     kokoro_jobs = [j for j in mixed if j.engine == "kokoro"]
     assert 0.25 < len(kokoro_jobs) / len(mixed) < 0.35
     assert {j.voice for j in kokoro_jobs} == set(kokoro_voice.VOICES)
@@ -131,24 +132,28 @@ def test_voice_mix_options_leave_the_default_corpus_plan_alone():
     male_engines = [j for j in mixed if j.engine in ("flite", "piper")]
     assert 0.4 < len(converted) / len(male_engines) < 0.6
     assert all(1.10 <= j.gender[0] <= 1.25 and 170 <= j.gender[1] <= 240 for j in converted)
+    # an utterance the options leave alone is the default one; a changed one keeps its
+    # text and augmentation
+    untouched = [(a, b) for a, b in zip(default, mixed) if b.engine != "kokoro" and not b.gender]
+    assert len(untouched) > 1000 and all(a == b for a, b in untouched)
+    for a, b in zip(default, mixed):
+        assert (a.text, a.out, a.noise_snr, a.reverb, a.band, a.gain_db, a.seed) == \
+            (b.text, b.out, b.noise_snr, b.reverb, b.band, b.gain_db, b.seed)
 
 
-def test_pico_share_draws_its_own_voices_beside_kokoro():
-    rng = random.Random(6)
-    jobs = [dm._train_job(i, "a b c", "a b c", f"/x/{i}.wav", rng, True, kokoro=0.2,
-                          pico=0.3) for i in range(4000)]
-    share = {e: sum(j.engine == e for j in jobs) / len(jobs) for e in ("kokoro", "pico")}
-    assert 0.17 < share["kokoro"] < 0.23 and 0.27 < share["pico"] < 0.33
-    pico_jobs = [j for j in jobs if j.engine == "pico"]
-    assert {j.voice for j in pico_jobs} == set(pico_voice.VOICES)
-    assert all(0.8 <= j.speed <= 1.25 and 0.85 <= j.pitch <= 1.2 and j.sox_pitch == 0
-               for j in pico_jobs)
-    # a kokoro-only plan is the one it was before pico existed: same single draw
-    a, b = random.Random(7), random.Random(7)
-    only_kokoro = [dm._train_job(i, "a", "a", "/x.wav", a, True, kokoro=0.3) for i in range(500)]
-    also_zero_pico = [dm._train_job(i, "a", "a", "/x.wav", b, True, kokoro=0.3, pico=0.0)
-                      for i in range(500)]
-    assert only_kokoro == also_zero_pico
+def test_voice_mix_options_leave_the_heldout_and_dev_plans_alone(monkeypatch, tmp_path):
+    pairs = [(f"Sentence number {i}.", f"sentence number {i}") for i in range(1200)]
+    monkeypatch.setattr(dm, "extract_sentences", lambda: list(pairs))
+
+    def plan(**kw):
+        return dm.plan_corpus(tmp_path / "w", tmp_path / "h", 3, 600, 100, 50, True, **kw)
+    _, train, dev, heldout = plan()
+    _, train2, dev2, heldout2 = plan(kokoro=0.2, pico=0.2, gender_change=0.5)
+    assert heldout2 == heldout
+    assert {j.engine for j in dev2} >= {"kokoro", "pico"}
+    same = [a == b for a, b in zip(train + dev, train2 + dev2)]
+    assert 0.4 < sum(same) / len(same) < 0.8
+    assert plan(kokoro=0.2, pico=0.2, gender_change=0.5)[1] == train2  # seeded
 
 
 def test_voice_mix_rejects_bad_shares():
