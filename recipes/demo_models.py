@@ -697,8 +697,11 @@ def quartznet_encoder_cfg() -> dict:
     Two stride-2 layers give 40 ms output frames (like the Conformer's 4x subsampling):
     half the compute of QuartzNet's 20 ms per training step on a CPU, and still enough
     frames for character CTC at fast speaking rates.  Kernels are in 40 ms frames.
+    No dropout and no SpecAugment, for the Conformer's reason (see
+    ``conformer_encoder_cfg``): with both, at the old fp32 recipe's 4400 steps, dev
+    WER/CER at step 2000 was 96.1/44.5 %; without them, in bf16, 89.7/38.1 %.
     """
-    def blk(filters, kernel, repeat=3, residual=True, stride=1, dilation=1, dropout=0.05):
+    def blk(filters, kernel, repeat=3, residual=True, stride=1, dilation=1, dropout=0.0):
         return {"filters": filters, "repeat": repeat, "kernel": [kernel], "stride": [stride],
                 "dilation": [dilation], "dropout": dropout, "residual": residual,
                 "separable": True}
@@ -706,8 +709,8 @@ def quartznet_encoder_cfg() -> dict:
         "_target_": "nemo.collections.asr.modules.ConvASREncoder",
         "feat_in": 64, "activation": "relu", "conv_mask": True,
         "jasper": [
-            blk(128, 33, repeat=1, residual=False, stride=2, dropout=0.0),
-            blk(160, 11, repeat=1, residual=False, stride=2, dropout=0.0),
+            blk(128, 33, repeat=1, residual=False, stride=2),
+            blk(160, 11, repeat=1, residual=False, stride=2),
             blk(160, 17), blk(160, 21), blk(192, 25), blk(192, 31), blk(224, 37),
             blk(256, 29, repeat=1, residual=False, dilation=2),
             {"filters": 384, "repeat": 1, "kernel": [1], "stride": [1], "dilation": [1],
@@ -737,8 +740,9 @@ def conformer_encoder_cfg() -> dict:
 
 
 ARCHS = {"quartznet": quartznet_encoder_cfg, "conformer": conformer_encoder_cfg}
-# SpecAugment per model (None: off); see conformer_encoder_cfg for why the Conformer has none.
-SPEC_AUGMENT = {"quartznet": _spec_augment_cfg, "conformer": lambda: None}
+# SpecAugment per model (None: off); see conformer_encoder_cfg for why neither has it.
+# ``_spec_augment_cfg`` is the one the first recipe used, kept for experiments.
+SPEC_AUGMENT = {"quartznet": lambda: None, "conformer": lambda: None}
 
 
 def model_cfg(arch: str, optim: dict):

@@ -146,26 +146,35 @@ def _tiny_corpus(n: int = 6, frames: int = 80) -> dict:
             "text": ["x"] * n}
 
 
-def test_bf16_conformer_training_is_bit_reproducible_and_recorded(tmp_path):
-    """The demo Conformer's recipe (bf16 autocast, no SpecAugment, no dropout) trains
+def _dropouts(cfg) -> list[float]:
+    enc = cfg.encoder
+    if "jasper" in enc:
+        return [b.dropout for b in enc.jasper]
+    return [enc.dropout, enc.dropout_pre_encoder, enc.dropout_emb, enc.dropout_att]
+
+
+@pytest.mark.parametrize("arch", ["conformer", "quartznet"])
+def test_bf16_training_is_bit_reproducible_and_recorded(tmp_path, arch):
+    """Both demo recipes (bf16 autocast, no SpecAugment, no dropout) train
     deterministically on one thread: a re-run gives the same weights."""
     pytest.importorskip("nemo")
     from nemo.collections.asr.models import EncDecCTCModel
+    assert ft.HYPER[arch]["precision"] == "bf16" and ft.HYPER[arch]["threads"] == 1
     data = _tiny_corpus()
     runs = []
     threads = torch.get_num_threads()  # train_cached pins one thread; give the rest back
     for k in range(2):
-        info = ft.train_cached("conformer", data, None, tmp_path / f"m{k}.nemo", steps=3,
+        info = ft.train_cached(arch, data, None, tmp_path / f"m{k}.nemo", steps=3,
                                seed=5, batch_size=2, lr=1e-3, warmup_steps=1,
-                               log_every=10, precision="bf16")
+                               log_every=10, precision=ft.HYPER[arch]["precision"])
         runs.append(EncDecCTCModel.restore_from(str(tmp_path / f"m{k}.nemo"), map_location="cpu"))
     torch.set_num_threads(threads)
     assert info["precision"] == "bf16" and info["spec_augment"] is None
-    assert runs[0].cfg.encoder.dropout == 0.0
+    assert set(_dropouts(runs[0].cfg)) == {0.0}
     a, b = runs[0].state_dict(), runs[1].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     torch.manual_seed(5)  # the initialization train_cached started from
-    fresh = ft.build_model("conformer").state_dict()
+    fresh = ft.build_model(arch).state_dict()
     moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], fresh[k])]
     assert moved  # it trained: weights left their (identical) initialization
     with pytest.raises(ValueError, match="precision"):
