@@ -336,8 +336,8 @@ def render(job: Job) -> dict | None:
 
 
 def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
-               kokoro: float = 0.0, gender_change: float = 0.0, pico: float = 0.0,
-               option_rng: random.Random | None = None) -> Job:
+               option_rng: random.Random, kokoro: float = 0.0, gender_change: float = 0.0,
+               pico: float = 0.0) -> Job:
     """One training/dev utterance of the default voice mix, then the optional voices.
 
     ``kokoro`` and ``pico`` (shares of utterances spoken by Kokoro's or SVOX Pico's
@@ -371,8 +371,7 @@ def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
     j.gain_db = rng.uniform(-12, 0)
     j.seed = rng.randrange(2 ** 31)
     if kokoro or pico or gender_change:
-        _apply_voice_options(j, option_rng or random.Random(f"voice-options:{idx}"),
-                             kokoro, gender_change, pico)
+        _apply_voice_options(j, option_rng, kokoro, gender_change, pico)
     return j
 
 
@@ -530,10 +529,10 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
     for i in range(n_train):
         text, norm = train_pairs[i % len(train_pairs)]
         jobs.append(_train_job(i, text, norm, str(Path(work_dir) / "train" / f"{i:06d}.wav"),
-                               rng, use_piper, kokoro, gender_change, pico,
-                               options("train", i)))
+                               rng, use_piper, options("train", i), kokoro, gender_change,
+                               pico))
     dev_jobs = [_train_job(i, t, n, str(Path(work_dir) / "dev" / f"{i:05d}.wav"), rng,
-                           use_piper, kokoro, gender_change, pico, options("dev", i))
+                           use_piper, options("dev", i), kokoro, gender_change, pico)
                 for i, (t, n) in enumerate(dev_pairs)]
     ho_jobs = [_heldout_job(i, t, n, str(audio_dir / f"{i:04d}.wav"), rng)
                for i, (t, n) in enumerate(heldout_pairs)]

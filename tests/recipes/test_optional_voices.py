@@ -113,8 +113,8 @@ def test_kokoro_renders_english_repeatably():
 def test_voice_mix_options_leave_the_default_corpus_plan_alone():
     def plan(**kw):
         rng = random.Random(5)
-        jobs = [dm._train_job(i, "a b c", "a b c", f"/x/{i}.wav", rng, True, **kw)
-                for i in range(3000)]
+        jobs = [dm._train_job(i, "a b c", "a b c", f"/x/{i}.wav", rng, True,
+                              random.Random(f"options:{i}"), **kw) for i in range(3000)]
         return jobs, rng.random()
     default, after = plan()
     explicit, after2 = plan(kokoro=0.0, gender_change=0.0, pico=0.0)
@@ -139,6 +139,16 @@ def test_voice_mix_options_leave_the_default_corpus_plan_alone():
     for a, b in zip(default, mixed):
         assert (a.text, a.out, a.noise_snr, a.reverb, a.band, a.gain_db, a.seed) == \
             (b.text, b.out, b.noise_snr, b.reverb, b.band, b.gain_db, b.seed)
+
+    # Pico beside Kokoro: each its share, Pico's two voices in their speed/pitch ranges
+    both, after4 = plan(kokoro=0.2, pico=0.3)
+    assert after4 == after
+    share = {e: sum(j.engine == e for j in both) / len(both) for e in ("kokoro", "pico")}
+    assert 0.17 < share["kokoro"] < 0.23 and 0.27 < share["pico"] < 0.33
+    pico_jobs = [j for j in both if j.engine == "pico"]
+    assert {j.voice for j in pico_jobs} == set(pico_voice.VOICES)
+    assert all(0.8 <= j.speed <= 1.25 and 0.85 <= j.pitch <= 1.2 and j.sox_pitch == 0
+               for j in pico_jobs)
 
 
 def test_voice_mix_options_leave_the_heldout_and_dev_plans_alone(monkeypatch, tmp_path):
