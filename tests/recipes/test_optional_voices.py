@@ -114,7 +114,8 @@ def test_voice_mix_options_leave_the_default_corpus_plan_alone():
     def plan(**kw):
         rng = random.Random(5)
         jobs = [dm._train_job(i, "a b c", "a b c", f"/x/{i}.wav", rng, True,
-                              random.Random(f"options:{i}"), **kw) for i in range(3000)]
+                              random.Random(f"options:{i}"), dm.VoiceMix(**kw))
+                for i in range(3000)]
         return jobs, rng.random()
     default, after = plan()
     explicit, after2 = plan(kokoro=0.0, gender_change=0.0, pico=0.0)
@@ -156,7 +157,8 @@ def test_voice_mix_options_leave_the_heldout_and_dev_plans_alone(monkeypatch, tm
     monkeypatch.setattr(dm, "extract_sentences", lambda: list(pairs))
 
     def plan(**kw):
-        return dm.plan_corpus(tmp_path / "w", tmp_path / "h", 3, 600, 100, 50, True, **kw)
+        return dm.plan_corpus(tmp_path / "w", tmp_path / "h", 3, 600, 100, 50, True,
+                              dm.VoiceMix(**kw))
     _, train, dev, heldout = plan()
     _, train2, dev2, heldout2 = plan(kokoro=0.2, pico=0.2, gender_change=0.5)
     assert heldout2 == heldout
@@ -168,13 +170,15 @@ def test_voice_mix_options_leave_the_heldout_and_dev_plans_alone(monkeypatch, tm
 
 def test_voice_mix_rejects_bad_shares():
     with pytest.raises(ValueError, match="kokoro"):
-        dm.check_voice_mix(1.5, 0.0)
+        dm.VoiceMix(kokoro=1.5).check()
     with pytest.raises(ValueError, match="gender_change"):
-        dm.check_voice_mix(0.0, -0.1)
+        dm.VoiceMix(gender_change=-0.1).check()
     with pytest.raises(ValueError, match="pico must be"):
-        dm.check_voice_mix(0.0, 0.0, 2.0)
+        dm.VoiceMix(pico=2.0).check()
     with pytest.raises(ValueError, match="must not exceed 1"):
-        dm.check_voice_mix(0.6, 0.0, 0.5)
+        dm.VoiceMix(kokoro=0.6, pico=0.5).check()
+    assert not dm.VoiceMix() and dm.VoiceMix().params() == {}
+    assert dm.VoiceMix(pico=0.15).params() == {"pico": 0.15}
 
 
 def test_pico_speaks_english_with_female_voices_repeatably():
