@@ -61,8 +61,10 @@ def prepare(nemo: str, out_dir: str, half_weights: bool = False) -> int:
                         os.path.join(out_dir, "int8"), "--force", "--quiet"])
     if r.returncode != 0:
         return r.returncode
-    json.dump({"source": os.path.basename(nemo), "feat_in": int(x.shape[1]),
-               "torch": torch.__version__, "float_weights_stored": "fp16" if half_weights else "fp32"}, open(os.path.join(out_dir, "prepared.json"), "w"))
+    with open(os.path.join(out_dir, "prepared.json"), "w") as f:
+        json.dump({"source": os.path.basename(nemo), "feat_in": int(x.shape[1]),
+                   "torch": torch.__version__,
+                   "float_weights_stored": "fp16" if half_weights else "fp32"}, f)
     print(f"prepared {out_dir}: float.pt2, int8/ from {nemo}")
     return 0
 
@@ -105,11 +107,12 @@ def _time(fn, x, sync, repeats: int) -> dict:
 def run(prep_dir: str, json_path: str | None, repeats: int, batches=(1, 16, 64)) -> int:
     import torch
 
-    import qpipe.ir.ops  # noqa: F401  (registers the qpipe:: ops the program calls)
-    from qpipe.artifact import load
-
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
+        return 2
+    if not os.path.isfile(os.path.join(prep_dir, "prepared.json")):
+        print(f"{prep_dir} was not made by `gpu_reference.py prepare` (no prepared.json)",
+              file=sys.stderr)
         return 2
     return _run(prep_dir, json_path, repeats, batches)
 
@@ -117,7 +120,9 @@ def run(prep_dir: str, json_path: str | None, repeats: int, batches=(1, 16, 64))
 def _run(prep_dir: str, json_path: str | None, repeats: int, batches=(1, 16, 64)) -> int:
     import torch
 
+    import qpipe.ir.ops  # noqa: F401  (registers the qpipe:: ops the program calls)
     from qpipe.artifact import load
+
     meta = json.load(open(os.path.join(prep_dir, "prepared.json")))
     ep = torch.export.load(os.path.join(prep_dir, "float.pt2"))
     cast_weights(ep, torch.float32)  # fp16-stored weights (prepare --half-weights) back
