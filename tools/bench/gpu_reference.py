@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -57,10 +56,7 @@ def prepare(nemo: str, out_dir: str, half_weights: bool = False) -> int:
     if half_weights:  # half the file (the GPU machine takes 64 MiB); `run` casts back to fp32
         cast_weights(ep, torch.float16)
     torch.export.save(ep, os.path.join(out_dir, "float.pt2"))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "qpipe"), nemo, "-o",
-                        os.path.join(out_dir, "int8"), "--force", "--quiet"])
-    if r.returncode != 0:
-        return r.returncode
+    qp.quantize(fm, passes="default", output=os.path.join(out_dir, "int8"), force=True)
     with open(os.path.join(out_dir, "prepared.json"), "w") as f:
         json.dump({"source": os.path.basename(nemo), "feat_in": int(x.shape[1]),
                    "torch": torch.__version__,
