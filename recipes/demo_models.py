@@ -356,13 +356,11 @@ class VoiceMix:
     def params(self) -> dict:
         """The options in use, for the corpus stamp (absent when off, so that a corpus
         built before these options existed is still reused)."""
-        return {k: v for k, v in (("kokoro", self.kokoro), ("gender_change", self.gender_change),
-                                  ("pico", self.pico)) if v}
+        return {k: v for k, v in vars(self).items() if v}
 
     def check(self) -> None:
         """Clear errors for the optional voices, before hours of synthesis start."""
-        for name, v in (("kokoro", self.kokoro), ("gender_change", self.gender_change),
-                        ("pico", self.pico)):
+        for name, v in vars(self).items():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a share between 0 and 1, not {v}")
         if self.kokoro + self.pico > 1.0:
