@@ -73,16 +73,13 @@ def _moved(module, device: str, half: bool = False):
     import torch
 
     m = copy.deepcopy(module).to(device)
+    if half:
+        m = m.half()
     for sub in m.modules():
         for name, v in list(vars(sub).items()):
             if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
-                setattr(sub, name, v.to(device))
-    if half:
-        m = m.half()
-        for sub in m.modules():
-            for name, v in list(vars(sub).items()):
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    setattr(sub, name, v.half())
+                v = v.to(device)
+                setattr(sub, name, v.half() if half and v.is_floating_point() else v)
     return m
 
 
@@ -137,10 +134,10 @@ def _run(prep_dir: str, json_path: str | None, repeats: int, batches=(1, 16, 64)
     float_gpu = _moved(float_cpu, DEVICE)
     int_gpu = _moved(int_cpu, DEVICE)
     float_gpu_half = _moved(float_cpu, DEVICE, half=True)
-    cuda_sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-
     def cpu_sync():
         return None
+
+    cuda_sync = torch.cuda.synchronize if DEVICE == "cuda" else cpu_sync
 
     rows = []
     shapes = [(b, 1000) for b in batches]  # 10 s utterances at 10 ms frames
