@@ -873,6 +873,13 @@ def _sampling_text(train_info: dict) -> str:
         lo, hi = warp["alpha"]
         out += (f"; vocal-tract-length warp of the cached log-mel (formants x {lo}-{hi}) on "
                 f"{100 * warp['p']:.0f} % of the {'/'.join(warp['engines'])} utterances")
+    kd = train_info.get("distill")
+    if kd:
+        w = kd["weight"]
+        out += (f"; frame-level distillation from `{kd['teacher']}` (`recipes/distill.py`): loss "
+                f"{1 - w:g} x CTC + {w:g} x KL(teacher || student) at temperature "
+                f"{kd['temperature']:g}; the teacher's pass over the training set took "
+                f"{kd.get('teacher_seconds', 0) / 60:.1f} min before the training minutes below")
     return out
 
 

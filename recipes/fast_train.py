@@ -211,15 +211,25 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
                  threads: int = 1, eval_every: int = 1000, log_every: int = 100,
                  sortagrad: bool = True, log_file: Path | None = None,
                  precision: str = "fp32", engine_weights: dict[str, int] | None = None,
-                 mel_warp: dict | None = None) -> dict:
+                 mel_warp: dict | None = None, distill: dict | None = None) -> dict:
     """Train ``arch`` for exactly ``steps`` optimizer steps; save a .nemo; return facts.
 
     ``precision="bf16"`` runs the forward pass under CPU bfloat16 autocast (weights,
     optimizer and the CTC loss stay fp32): on a CPU with AVX512-BF16 a Conformer step
     takes about two thirds of the fp32 time, so the same hour buys more steps.
+
+    ``distill`` (``recipes.distill``): ``{"log_probs": [...], "weight": w, "temperature":
+    t, "teacher": name}`` trains on ``(1 - w) * CTC + w * KL(teacher || student)``, the
+    teacher's frame posteriors given per training utterance.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+    if distill is not None:
+        if not 0.0 < distill["weight"] <= 1.0:
+            raise ValueError(f"distillation weight must be in (0, 1], got {distill['weight']}")
+        if len(distill["log_probs"]) != len(train_data["features"]):
+            raise ValueError(f"{len(distill['log_probs'])} teacher utterances for "
+                             f"{len(train_data['features'])} training utterances")
     torch.set_num_threads(threads)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -279,6 +289,11 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             lp, enc_len, _ = model.forward(processed_signal=x, processed_signal_length=xl)
         loss = model.loss(log_probs=lp.float(), targets=y, input_lengths=enc_len, target_lengths=tl)
+        if distill is not None:
+            from recipes.distill import distillation_loss
+            kd = distillation_loss(lp.float(), enc_len, [distill["log_probs"][i] for i in idx],
+                                   distill["temperature"])
+            loss = (1 - distill["weight"]) * loss + distill["weight"] * kd
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -313,6 +328,9 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
             "precision": precision,
             "engine_weights": dict(engine_weights) if engine_weights else None,
             "mel_warp": warper.describe() if warper else None,
+            "distill": {k: distill[k] for k in ("teacher", "weight", "temperature",
+                                                "teacher_seconds") if k in distill}
+            if distill else None,
             "spec_augment": dict(model.cfg.spec_augment) if model.cfg.get("spec_augment") else None,
             "history": history,
             "device_name": "CPU", "cpu_cores": os.cpu_count(),
@@ -347,13 +365,21 @@ def _train_child(job: dict) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     train_data = torch.load(job["train_cache"], weights_only=False)
     dev_data = torch.load(job["dev_cache"], weights_only=False)
+    distill = None
+    if job.get("distill"):
+        from recipes.distill import teacher_log_probs
+        d = job["distill"]
+        log_probs, seconds = teacher_log_probs(Path(d["teacher"]), train_data,
+                                               threads=job["threads"])
+        distill = {**d, "teacher": Path(d["teacher"]).name, "log_probs": log_probs,
+                   "teacher_seconds": round(seconds, 1)}
     return train_cached(job["arch"], train_data, dev_data, Path(job["out"]), job["steps"],
                         job["seed"], batch_size=job["batch_size"], lr=job["lr"],
                         warmup_steps=job["warmup_steps"], threads=job["threads"],
                         eval_every=job["eval_every"], log_file=Path(job["log"]),
                         precision=job["precision"],
                         engine_weights=job.get("engine_weights"),
-                        mel_warp=job.get("mel_warp")) | {
+                        mel_warp=job.get("mel_warp"), distill=distill) | {
                             "concurrent_jobs": job.get("concurrent_jobs", 1)}
 
 
@@ -365,10 +391,29 @@ def concurrent_jobs(threads: list[int], jobs: int | None, cores: int) -> int:
     return max(1, min(jobs, len(threads)))
 
 
+def training_waves(todo: list[dict], out_dir: Path, distill: dict | None) -> list[list[dict]]:
+    """Which training jobs run together, in order: all at once, unless the QuartzNet
+    distills from the Conformer this run trains (then the teacher first).  Marks the
+    student's job with its teacher."""
+    student = next((j for j in todo if j["arch"] == "quartznet"), None)
+    if not distill or student is None:
+        return [todo]
+    in_run = Path(out_dir) / "demo_conformer.nemo"
+    teacher = Path(distill.get("teacher") or in_run)
+    student["distill"] = {"weight": distill["weight"], "temperature": distill["temperature"],
+                          "teacher": str(teacher)}
+    if any(j["arch"] == "conformer" for j in todo) and teacher.resolve() == in_run.resolve():
+        return [[j for j in todo if j is not student], [student]]
+    if not teacher.is_file():
+        raise FileNotFoundError(f"distillation teacher {teacher} does not exist: train the "
+                                "Conformer first (or name another with --teacher)")
+    return [todo]
+
+
 def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_dir: Path,
                  seed: int, batch_size: int | None = None, jobs: int | None = None,
                  steps: dict[str, int] | None = None, eval_every: int = 500,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, distill: dict | None = None) -> dict:
     """Cache features, then train each model in its own process.
 
     ``threads`` (default: each model's ``HYPER`` value) is what the weights depend on:
@@ -378,6 +423,11 @@ def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_
     and each one's minutes in the card are its own).  On the 2-core machine two
     one-thread Conformer runs side by side make 5.2 steps/s together, one two-thread run
     alone 3.6 (measured 2026-11-26): the small convolutions scale poorly across threads.
+
+    ``distill`` (``{"weight": w, "temperature": t, "teacher": path or None}``) trains the
+    QuartzNet on the teacher's frame posteriors too (``recipes.distill``); the default
+    teacher is OUT_DIR/demo_conformer.nemo, which, when the Conformer is trained in the
+    same call, is trained first, and the QuartzNet after it.
     """
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
@@ -385,17 +435,20 @@ def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_
     cache_dir = work_dir / "features"
     train_cache = cache_dir / "train.pt"
     dev_cache = cache_dir / "dev.pt"
-    cache_features(corpus.train_manifest, train_cache)
-    cache_features(corpus.dev_manifest, dev_cache)
     steps = {**DEFAULT_STEPS, **(steps or {})}
     todo = [{"arch": a, "train_cache": str(train_cache), "dev_cache": str(dev_cache),
              "out": str(out_dir / f"demo_{a}.nemo"), "steps": steps[a], "seed": seed,
              "eval_every": eval_every, "log": str(work_dir / f"train_{a}.log"),
              **HYPER[a], **({"batch_size": batch_size} if batch_size else {}),
              **({"threads": threads} if threads else {})} for a in archs]
-    jobs = concurrent_jobs([j["threads"] for j in todo], jobs, os.cpu_count() or 1)
-    for j in todo:
-        j["concurrent_jobs"] = jobs
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        infos = list(ex.map(_train_child, todo))
+    waves = training_waves(todo, out_dir, distill)
+    cache_features(corpus.train_manifest, train_cache)
+    cache_features(corpus.dev_manifest, dev_cache)
+    infos = []
+    for wave in waves:
+        n = concurrent_jobs([j["threads"] for j in wave], jobs, os.cpu_count() or 1)
+        for j in wave:
+            j["concurrent_jobs"] = n
+        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as ex:
+            infos += list(ex.map(_train_child, wave))
     return {i["arch"]: i for i in infos}
