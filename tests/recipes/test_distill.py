@@ -154,3 +154,22 @@ def test_model_card_names_the_teacher_and_the_loss():
     assert "distillation from `demo_conformer.nemo`" in text
     assert "0.1 x CTC + 0.9 x KL" in text and "temperature 2" in text and "2.5 min" in text
     assert dm._sampling_text({"distill": None}) == ""
+
+
+def test_training_process_computes_the_teachers_posteriors_itself(tmp_path):
+    """The path the recipe takes: a job naming a teacher .nemo, run by _train_child."""
+    pytest.importorskip("nemo")
+    threads = torch.get_num_threads()
+    torch.manual_seed(2)
+    ft.build_model("conformer").save_to(str(tmp_path / "teacher.nemo"))
+    torch.save(_tiny_corpus(), tmp_path / "train.pt")
+    torch.save(_tiny_corpus(2), tmp_path / "dev.pt")
+    job = {"arch": "quartznet", "train_cache": str(tmp_path / "train.pt"),
+           "dev_cache": str(tmp_path / "dev.pt"), "out": str(tmp_path / "q.nemo"), "steps": 2,
+           "seed": 0, "eval_every": 2, "log": str(tmp_path / "q.log"),
+           **ft.HYPER["quartznet"], "batch_size": 2,
+           "distill": {"weight": 0.5, "temperature": 1.0, "teacher": str(tmp_path / "teacher.nemo")}}
+    info = ft._train_child(job)
+    torch.set_num_threads(threads)
+    assert info["distill"]["teacher"] == "teacher.nemo" and info["distill"]["weight"] == 0.5
+    assert info["distill"]["teacher_seconds"] >= 0 and (tmp_path / "q.nemo").is_file()
