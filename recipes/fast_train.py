@@ -225,6 +225,7 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     if distill is not None:
+        from recipes.distill import distillation_loss
         if not 0.0 < distill["weight"] <= 1.0:
             raise ValueError(f"distillation weight must be in (0, 1], got {distill['weight']}")
         if len(distill["log_probs"]) != len(train_data["features"]):
@@ -290,7 +291,6 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
             lp, enc_len, _ = model.forward(processed_signal=x, processed_signal_length=xl)
         loss = model.loss(log_probs=lp.float(), targets=y, input_lengths=enc_len, target_lengths=tl)
         if distill is not None:
-            from recipes.distill import distillation_loss
             kd = distillation_loss(lp.float(), enc_len, [distill["log_probs"][i] for i in idx],
                                    distill["temperature"])
             loss = (1 - distill["weight"]) * loss + distill["weight"] * kd
