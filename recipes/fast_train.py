@@ -398,16 +398,26 @@ def training_waves(todo: list[dict], out_dir: Path, distill: dict | None) -> lis
     student = next((j for j in todo if j["arch"] == "quartznet"), None)
     if not distill or student is None:
         return [todo]
-    in_run = Path(out_dir) / "demo_conformer.nemo"
-    teacher = Path(distill.get("teacher") or in_run)
+    teacher, trained_here = distillation_teacher(
+        out_dir, distill.get("teacher"), any(j["arch"] == "conformer" for j in todo))
     student["distill"] = {"weight": distill["weight"], "temperature": distill["temperature"],
                           "teacher": str(teacher)}
-    if any(j["arch"] == "conformer" for j in todo) and teacher.resolve() == in_run.resolve():
+    if trained_here:
         return [[j for j in todo if j is not student], [student]]
-    if not teacher.is_file():
-        raise FileNotFoundError(f"distillation teacher {teacher} does not exist: train the "
-                                "Conformer first (or name another with --teacher)")
     return [todo]
+
+
+def distillation_teacher(out_dir: Path, teacher: str | Path | None,
+                         trains_conformer: bool) -> tuple[Path, bool]:
+    """The teacher's path (default OUT_DIR/demo_conformer.nemo) and whether this run
+    trains it; a teacher that neither exists nor is trained here is an error."""
+    in_run = Path(out_dir) / "demo_conformer.nemo"
+    path = Path(teacher or in_run)
+    trained_here = trains_conformer and path.resolve() == in_run.resolve()
+    if not trained_here and not path.is_file():
+        raise FileNotFoundError(f"distillation teacher {path} does not exist: train the "
+                                "Conformer first (or name another with --teacher)")
+    return path, trained_here
 
 
 def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_dir: Path,
