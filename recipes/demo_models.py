@@ -1063,9 +1063,9 @@ def _target_line(heldout: dict | None) -> str:
             f"{_pct(heldout.get('wer'))} greedy, {_pct(heldout.get('lm_wer'))} with the word LM.")
 
 
-# Hand-written sections a regenerated card keeps: checks and experiments that the
-# recipe's own run does not produce.
-KEPT_SECTIONS = ("## Reproducibility", "## Measured, not adopted")
+# Hand-written sections a regenerated card keeps: checks, experiments and earlier recipes
+# that the recipe's own run does not produce.
+KEPT_SECTIONS = ("## Reproducibility", "## Measured, not adopted", "## Recipe history")
 
 
 def _kept_sections(card: Path) -> str:

@@ -37,6 +37,12 @@ HYPER = {"quartznet": {"lr": 3e-3, "warmup_steps": 200, "batch_size": 32, "preci
                        "threads": 1},
          "conformer": {"lr": 4e-3, "warmup_steps": 200, "batch_size": 16, "precision": "bf16",
                        "threads": 1}}
+# The QuartzNet's training signal since 2026-11-27: (1 - w) x CTC + w x the KL divergence
+# from the Conformer's frame posteriors at temperature T (recipes/distill.py).  Against CTC
+# alone it took 6 points of held-out WER off the same corpus, steps and seed (model card).
+DEFAULT_DISTILL = {"weight": 0.9, "temperature": 2.0}
+# The teacher when a run does not train the Conformer and OUT_DIR holds none.
+COMMITTED_TEACHER = Path(__file__).resolve().parents[1] / "models" / "demo_conformer.nemo"
 
 
 def cache_features(manifest: Path, cache: Path, preprocessor_cfg: dict | None = None,
@@ -407,17 +413,27 @@ def training_waves(todo: list[dict], out_dir: Path, distill: dict | None) -> lis
     return [todo]
 
 
-def distillation_teacher(out_dir: Path, teacher: str | Path | None,
-                         trains_conformer: bool) -> tuple[Path, bool]:
-    """The teacher's path (default OUT_DIR/demo_conformer.nemo) and whether this run
-    trains it; a teacher that neither exists nor is trained here is an error."""
+def distillation_teacher(out_dir: Path, teacher: str | Path | None, trains_conformer: bool,
+                         committed: Path = COMMITTED_TEACHER) -> tuple[Path, bool]:
+    """The teacher's path and whether this run trains it.
+
+    Without ``teacher``: OUT_DIR/demo_conformer.nemo when this run trains it or it is
+    already there, else the committed ``models/demo_conformer.nemo``, so that
+    ``--only quartznet --out-dir DIR`` rebuilds the committed QuartzNet.  A teacher that
+    neither exists nor is trained here is an error."""
     in_run = Path(out_dir) / "demo_conformer.nemo"
-    path = Path(teacher or in_run)
-    trained_here = trains_conformer and path.resolve() == in_run.resolve()
-    if not trained_here and not path.is_file():
+    if teacher is None:
+        if trains_conformer:
+            return in_run, True
+        path = in_run if in_run.is_file() else Path(committed)
+    else:
+        path = Path(teacher)
+        if trains_conformer and path.resolve() == in_run.resolve():
+            return path, True
+    if not path.is_file():
         raise FileNotFoundError(f"distillation teacher {path} does not exist: train the "
                                 "Conformer first (or name another with --teacher)")
-    return path, trained_here
+    return path, False
 
 
 def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_dir: Path,
@@ -435,9 +451,9 @@ def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_
     alone 3.6 (measured 2026-11-26): the small convolutions scale poorly across threads.
 
     ``distill`` (``{"weight": w, "temperature": t, "teacher": path or None}``) trains the
-    QuartzNet on the teacher's frame posteriors too (``recipes.distill``); the default
-    teacher is OUT_DIR/demo_conformer.nemo, which, when the Conformer is trained in the
-    same call, is trained first, and the QuartzNet after it.
+    QuartzNet on the teacher's frame posteriors too (``recipes.distill``; default teacher:
+    :func:`distillation_teacher`); a Conformer trained in the same call as its student
+    trains first, the QuartzNet after it.
     """
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp

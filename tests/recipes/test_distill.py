@@ -127,19 +127,38 @@ def test_the_teacher_trains_first_when_the_same_run_trains_it(tmp_path):
     assert waves[1][0]["distill"]["teacher"] == str(tmp_path / "demo_conformer.nemo")
     assert ft.training_waves([dict(j) for j in todo], tmp_path, None) == [todo]
     with pytest.raises(FileNotFoundError, match="teacher"):
-        ft.training_waves([dict(todo[0])], tmp_path, kd)
+        ft.training_waves([dict(todo[0])], tmp_path, kd | {"teacher": str(tmp_path / "no.nemo")})
     other = tmp_path / "other.nemo"
     other.write_bytes(b"x")
     waves = ft.training_waves([dict(j) for j in todo], tmp_path, kd | {"teacher": str(other)})
     assert len(waves) == 1 and len(waves[0]) == 2
 
 
+def test_without_a_named_teacher_the_quartznet_learns_from_the_nearest_conformer(tmp_path):
+    """This run's Conformer, else the one already in OUT_DIR, else the committed one."""
+    committed = tmp_path / "committed.nemo"
+    committed.write_bytes(b"x")
+    out = tmp_path / "out"
+    out.mkdir()
+    in_run = out / "demo_conformer.nemo"
+    assert ft.distillation_teacher(out, None, True, committed) == (in_run, True)
+    assert ft.distillation_teacher(out, None, False, committed) == (committed, False)
+    in_run.write_bytes(b"x")
+    assert ft.distillation_teacher(out, None, False, committed) == (in_run, False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ft.distillation_teacher(tmp_path / "empty", None, False, tmp_path / "none.nemo")
+    assert ft.COMMITTED_TEACHER == REPO / "models" / "demo_conformer.nemo"
+    assert ft.COMMITTED_TEACHER.is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--distill", "1.5"], "must be in"),
+    (["--distill-temperature", "0"], "must be in"),
     (["--only", "conformer", "--distill", "0.5"], "trains no student"),
-    (["--only", "quartznet", "--distill", "0.5"], "does not exist"),
+    (["--only", "quartznet", "--teacher", "{tmp}/none.nemo"], "does not exist"),
 ])
 def test_recipe_rejects_distillation_it_cannot_run(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     r = subprocess.run([sys.executable, str(REPO / "tools" / "make-demo-models"),
                         "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"), *args],
                        capture_output=True, text=True, timeout=120)

@@ -114,13 +114,14 @@ def test_model_card_round_trip_keeps_train_facts_and_written_sections(tmp_path):
     assert "| 50.0 % | 20.0 % | 40.0 % | 21.0 % |" in card.read_text()
     card.write_text(card.read_text().replace(
         "\n## Reproduce\n", "\n## Reproducibility (checked)\n\nby hand\n\n"
-        "## Measured, not adopted\n\ntried\n\n## Reproduce\n"))
+        "## Measured, not adopted\n\ntried\n\n## Recipe history\n\nbefore\n\n## Reproduce\n"))
     facts = dm.read_model_card(card)
     assert facts["train"]["history"] == train["history"] and facts["train"]["steps"] == 10
     dm.write_model_card(card, "quartznet", nemo, facts["train"], corpus, results, "tools/make-demo-models")
     text = card.read_text()
     assert text.count("## Reproducibility (checked)\n\nby hand") == 1
     assert text.count("## Measured, not adopted\n\ntried") == 1
+    assert text.count("## Recipe history\n\nbefore") == 1
     assert text.index("## Reproducibility") < text.index("## Reproduce\n")
 
 
