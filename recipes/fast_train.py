@@ -37,10 +37,6 @@ HYPER = {"quartznet": {"lr": 3e-3, "warmup_steps": 200, "batch_size": 32, "preci
                        "threads": 1},
          "conformer": {"lr": 4e-3, "warmup_steps": 200, "batch_size": 16, "precision": "bf16",
                        "threads": 1}}
-# The QuartzNet's training signal since 2026-11-27: (1 - w) x CTC + w x the KL divergence
-# from the Conformer's frame posteriors at temperature T (recipes/distill.py).  Against CTC
-# alone it took 6 points of held-out WER off the same corpus, steps and seed (model card).
-DEFAULT_DISTILL = {"weight": 0.9, "temperature": 2.0}
 # The teacher when a run does not train the Conformer and OUT_DIR holds none.
 COMMITTED_TEACHER = Path(__file__).resolve().parents[1] / "models" / "demo_conformer.nemo"
 
