@@ -86,6 +86,19 @@ def cache_features(manifest: Path, cache: Path, preprocessor_cfg: dict | None = 
     return data
 
 
+def load_caches(paths: str | Path | list) -> dict:
+    """One feature cache, or several (the corpus and its added utterances) as one:
+    utterances in the order given, so the batches depend only on the caches' order."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    parts = [torch.load(p, weights_only=False) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    keys = ("features", "tokens", "text", "voice")
+    return {**{k: [x for part in parts for x in part[k]] for k in keys},
+            "manifest": [part["manifest"] for part in parts]}
+
+
 def _pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     lens = torch.tensor([f.shape[1] for f in feats])
     x = torch.zeros(len(feats), feats[0].shape[0], int(lens.max()))
@@ -365,7 +378,7 @@ def _train_child(job: dict) -> dict:
     """One model in its own process (spawned: NeMo and torch threads start clean)."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    train_data = torch.load(job["train_cache"], weights_only=False)
+    train_data = load_caches(job["train_cache"])
     dev_data = torch.load(job["dev_cache"], weights_only=False)
     distill = None
     if job.get("distill"):
@@ -456,15 +469,19 @@ def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_
     work_dir, out_dir = Path(work_dir), Path(out_dir)
     cache_dir = work_dir / "features"
     train_cache = cache_dir / "train.pt"
+    added_cache = cache_dir / "added.pt"  # build_added removes it when it re-renders
     dev_cache = cache_dir / "dev.pt"
+    train_caches = [str(train_cache)] + ([str(added_cache)] if corpus.added_manifest else [])
     steps = {**DEFAULT_STEPS, **(steps or {})}
-    todo = [{"arch": a, "train_cache": str(train_cache), "dev_cache": str(dev_cache),
+    todo = [{"arch": a, "train_cache": train_caches, "dev_cache": str(dev_cache),
              "out": str(out_dir / f"demo_{a}.nemo"), "steps": steps[a], "seed": seed,
              "eval_every": eval_every, "log": str(work_dir / f"train_{a}.log"),
              **HYPER[a], **({"batch_size": batch_size} if batch_size else {}),
              **({"threads": threads} if threads else {})} for a in archs]
     waves = training_waves(todo, out_dir, distill)
     cache_features(corpus.train_manifest, train_cache)
+    if corpus.added_manifest:
+        cache_features(corpus.added_manifest, added_cache)
     cache_features(corpus.dev_manifest, dev_cache)
     infos = []
     for wave in waves:
