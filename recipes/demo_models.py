@@ -1056,14 +1056,19 @@ def _machine_share(train_info: dict) -> str:
     """How much of the machine the run had: its minutes mean nothing without it.
 
     Cards written before the run recorded ``concurrent_jobs`` / ``cpu_cores`` come from
-    the side-by-side recipe on the 2-core machine, hence the defaults.
+    the side-by-side recipe on the 2-core machine, hence the defaults. The recipe sees only
+    its own jobs; ``shared_with``, written into a card's JSON by hand, names other work that
+    shared the machine (evaluations, test runs), which the minutes then include.
     """
     threads = train_info.get("torch_threads") or 1
     jobs = train_info.get("concurrent_jobs", 2)
     cores = train_info.get("cpu_cores", 2)
+    plural = "s" if threads > 1 else ""
+    if train_info.get("shared_with"):
+        return (f"with {threads} thread{plural} on a {cores}-core CPU machine, sharing it with "
+                f"{train_info['shared_with']}")
     if threads == 1 and jobs == 2 and cores == 2:
         return "on one core of a 2-core CPU machine while a second training job used the other"
-    plural = "s" if threads > 1 else ""
     company = "alone on it" if jobs == 1 else f"beside {jobs - 1} other training job(s)"
     return f"with {threads} thread{plural} on a {cores}-core CPU machine, {company}"
 

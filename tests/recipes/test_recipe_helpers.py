@@ -218,6 +218,10 @@ def test_model_card_says_how_much_of_the_machine_the_run_had(tmp_path):
     assert "while a second training job used the other" in dm._machine_share(legacy)
     assert dm._machine_share({"torch_threads": 1, "concurrent_jobs": 1, "cpu_cores": 2}) == \
         "with 1 thread on a 2-core CPU machine, alone on it"
+    shared = {"torch_threads": 1, "concurrent_jobs": 1, "cpu_cores": 2,
+              "shared_with": "evaluations of other models"}  # the recipe cannot see those
+    assert dm._machine_share(shared) == \
+        "with 1 thread on a 2-core CPU machine, sharing it with evaluations of other models"
 
 
 def test_model_card_names_bf16_and_missing_spec_augment(tmp_path):
