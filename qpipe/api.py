@@ -184,10 +184,10 @@ def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str], 
     """Float mel features -> integer graph -> CTC decoding of the integer logits.
 
     Greedy by default; with ``lm`` (an ARPA file) or ``beam``, prefix beam search on the
-    logits times their output scale (qpipe.decode.BeamSearchDecoder).
+    logits times their output scale (qpipe.asr.decode.BeamSearchDecoder).
     """
     from qpipe.artifact import QuantizedModel, load
-    from qpipe.decode import Decoding
+    from qpipe.asr.decode import Decoding
 
     decoding = Decoding(beam_width=beam, lm_path=lm, alpha=alpha, beta=beta)
     decoding.load()

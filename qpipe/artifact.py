@@ -190,7 +190,7 @@ class QuantizedModel:
 
     def featurizer(self):
         """Audio -> features as the float model computed them (no NeMo when frontend.pt exists)."""
-        from qpipe.frontends.audio import make_featurizer
+        from qpipe.frontends.features import make_featurizer
 
         state = None
         path = os.path.join(self.path, "frontend.pt")

@@ -1,7 +1,7 @@
 """Command line: ``qpipe [run] MODEL --passes P -o OUT``, ``transcribe``, ``inspect``, ``diff``, ``eval``, ``lm``.
 
 Argument handling only; the work is in ``qpipe.api``, ``qpipe.inspect`` and
-``qpipe.evaluate``. A QpipeError becomes one ``qpipe: error: ...`` line and exit 2.
+``qpipe.asr.evaluate``. A QpipeError becomes one ``qpipe: error: ...`` line and exit 2.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def cmd_transcribe(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph; greedy CTC, or beam search with a word LM).")
     p.add_argument("model", help="an output folder written by qpipe -o")
     p.add_argument("audio", nargs="+", help="audio files (wav/flac; resampled to the model's rate)")
-    from qpipe.evaluate import add_decoding_arguments
+    from qpipe.asr.evaluate import add_decoding_arguments
 
     add_decoding_arguments(p)
     args = p.parse_args(argv)
@@ -150,7 +150,7 @@ def cmd_lm(argv: Sequence[str]) -> int:
     p.add_argument("--exclude", action="append", default=[], metavar="FILE",
                    help="drop every sentence that also occurs in FILE (text or manifest), e.g. your test set; repeatable")
     args = p.parse_args(argv)
-    from qpipe.lm import build_kneser_ney, read_sentences, write_arpa
+    from qpipe.asr.lm import build_kneser_ney, read_sentences, write_arpa
 
     sentences = read_sentences(args.text)
     excluded = set(read_sentences(args.exclude)) if args.exclude else set()
@@ -164,7 +164,7 @@ def cmd_lm(argv: Sequence[str]) -> int:
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    from qpipe.evaluate import main as eval_main
+    from qpipe.asr.evaluate import main as eval_main
 
     return eval_main(argv)
 

@@ -980,7 +980,7 @@ LM_ORDER = 3
 def build_demo_lm(corpus: CorpusInfo, out_path: Path, order: int = LM_ORDER) -> dict:
     """The demo word LM: Kneser-Ney over the training sentences only (dev and held-out
     sentences are excluded by construction and dropped again here, to be sure)."""
-    from qpipe.lm import build_kneser_ney, read_sentences, write_arpa
+    from qpipe.asr.lm import build_kneser_ney, read_sentences, write_arpa
     train = set(read_sentences([str(corpus.train_manifest)]))
     unseen = set(read_sentences([str(m) for m in (corpus.dev_manifest, corpus.heldout_manifest)
                                  if Path(m).exists()]))
@@ -996,8 +996,8 @@ def build_demo_lm(corpus: CorpusInfo, out_path: Path, order: int = LM_ORDER) -> 
 def lm_wer_cer(nemo_path: Path, manifest: Path, lm_path: Path) -> dict:
     """WER/CER (fractions) of the .nemo decoded with the word LM, by ``qpipe eval`` itself
     (beam 32, alpha 0.8, beta 1.5; its front end has no dither)."""
-    from qpipe.decode import Decoding
-    from qpipe.evaluate import evaluate as qpipe_evaluate
+    from qpipe.asr.decode import Decoding
+    from qpipe.asr.evaluate import evaluate as qpipe_evaluate
     row = qpipe_evaluate(str(nemo_path), [], str(manifest), progress=False,
                          decoding=Decoding(lm_path=str(lm_path)))["models"][0]
     return {"wer": row["wer"] / 100, "cer": row["cer"] / 100}
@@ -1153,7 +1153,7 @@ Dev WER during training (greedy, on cached dev features):
 
 WER/CER with jiwer after lowercasing and stripping punctuation except apostrophes;
 CPU inference of the restored `.nemo`. Greedy: greedy CTC decoding (NeMo's `transcribe`),
-no language model. With LM: qpipe's CTC prefix beam search (`qpipe.decode`, beam 32)
+no language model. With LM: qpipe's CTC prefix beam search (`qpipe.asr.decode`, beam 32)
 with the demo word LM `{(lm_info or {}).get('path', 'demo_lm.arpa.gz')}` ({(lm_info or {}).get('order', LM_ORDER)}-gram Kneser-Ney over
 the {(lm_info or {}).get('sentences', 'training')} training sentences only; alpha 0.8, beta 1.5 chosen on the dev set), as
 `qpipe eval --lm` decodes.

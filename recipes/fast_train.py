@@ -194,7 +194,7 @@ class MelWarp:
 
 def greedy_decode(log_probs: torch.Tensor, lens: torch.Tensor) -> list[str]:
     """qpipe's greedy CTC decoding, each row cut to its valid frames."""
-    from qpipe.decode import greedy_ctc
+    from qpipe.asr.decode import greedy_ctc
     return [greedy_ctc(row[None, :int(n)], dm.LABELS)[0].strip()
             for row, n in zip(log_probs, lens)]
 

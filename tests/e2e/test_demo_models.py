@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qpipe.api import quantize
-from qpipe.evaluate import evaluate
+from qpipe.asr.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "demo_quartznet.nemo"
@@ -36,7 +36,7 @@ def test_demo_quartznet_int8_default_pipeline_keeps_accuracy(demo_int8):
 @pytest.mark.nemo
 @pytest.mark.slow
 def test_demo_lm_lowers_the_word_error_rate_of_float_and_int8(demo_int8):
-    from qpipe.decode import Decoding
+    from qpipe.asr.decode import Decoding
 
     greedy = evaluate(str(MODEL), [demo_int8], str(HELDOUT), limit=30, progress=False)
     beam = evaluate(str(MODEL), [demo_int8], str(HELDOUT), limit=30, progress=False,

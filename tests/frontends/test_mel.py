@@ -9,7 +9,7 @@ pytestmark = pytest.mark.nemo
 
 
 def test_mel_featurizer_matches_nemo(nemo_tiny_path):
-    from qpipe.frontends.audio import Featurizer
+    from qpipe.frontends.nemo import NemoFeaturizer as Featurizer
     from qpipe.frontends.mel import MelFeaturizer, mel_state_from_nemo
     from qpipe.frontends.nemo import read_nemo_config
 

@@ -90,7 +90,7 @@ def _manifest(path: Path, texts: list[str]) -> Path:
 
 
 def test_demo_lm_never_sees_dev_or_heldout_sentences(tmp_path):
-    from qpipe.lm import read_arpa
+    from qpipe.asr.lm import read_arpa
     corpus = dm.CorpusInfo(_manifest(tmp_path / "train.json", ["the cat sat", "a dog ran", "secret words here"]),
                            _manifest(tmp_path / "dev.json", ["secret words here"]),
                            _manifest(tmp_path / "ho.json", ["a dog ran"]))

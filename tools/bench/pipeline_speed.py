@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["quartznet_15x5"], help="names from frontends/nemo_configs.py")
+    ap.add_argument("--models", nargs="+", default=["quartznet_15x5"], help="names from qpipe/frontends/nemo_configs.py")
     ap.add_argument("--passes", default="default")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--keep", help="folder to keep the built .nemo files and outputs in")

@@ -16,95 +16,14 @@ import os
 import sys
 import tempfile
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from qpipe.decode import Decoding
+from qpipe.asr.decode import Decoding
+from qpipe.asr.metrics import NORMALIZATION, ErrorCounts, corpus_counts, error_counts, normalize_text  # noqa: F401
 from qpipe.ir.errors import QpipeError
-
-NORMALIZATION = "lowercase; punctuation except apostrophes becomes a space; whitespace collapsed"
-
-# Typographic apostrophes count as the ASCII one (they are the same letter in "don't").
-_APOSTROPHES = {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u02b9": "'", "\uff07": "'"}
-
-
-def normalize_text(text: str) -> str:
-    """The one normalization for references and hypotheses alike.
-
-    Lowercase; every Unicode punctuation character except the apostrophe becomes a
-    space (so "twenty-one" is two words, "don't" stays one); whitespace collapsed.
-    """
-    text = unicodedata.normalize("NFKC", text or "").lower()
-    chars = []
-    for ch in text:
-        if ch in _APOSTROPHES or ch == "'":
-            chars.append("'")
-        elif unicodedata.category(ch).startswith("P"):
-            chars.append(" ")
-        else:
-            chars.append(ch)
-    return " ".join("".join(chars).split())
-
-
-@dataclass
-class ErrorCounts:
-    """Edit counts of one or more utterances; rates are computed from the totals."""
-
-    word_edits: int = 0
-    ref_words: int = 0
-    char_edits: int = 0
-    ref_chars: int = 0
-
-    def __add__(self, other: "ErrorCounts") -> "ErrorCounts":
-        return ErrorCounts(
-            self.word_edits + other.word_edits,
-            self.ref_words + other.ref_words,
-            self.char_edits + other.char_edits,
-            self.ref_chars + other.ref_chars,
-        )
-
-    @property
-    def wer(self) -> Optional[float]:
-        """Word error rate as a fraction; None when undefined (no reference words, some edits)."""
-        return _rate(self.word_edits, self.ref_words)
-
-    @property
-    def cer(self) -> Optional[float]:
-        return _rate(self.char_edits, self.ref_chars)
-
-
-def _rate(edits: int, total: int) -> Optional[float]:
-    if total:
-        return edits / total
-    return 0.0 if edits == 0 else None
-
-
-def error_counts(reference: str, hypothesis: str, normalize: bool = True) -> ErrorCounts:
-    """Word and character edits (substitutions + deletions + insertions) of one utterance."""
-    import jiwer
-
-    if normalize:
-        reference, hypothesis = normalize_text(reference), normalize_text(hypothesis)
-    words = jiwer.process_words(reference, hypothesis)
-    chars = jiwer.process_characters(reference, hypothesis)
-    return ErrorCounts(
-        word_edits=words.substitutions + words.deletions + words.insertions,
-        ref_words=words.substitutions + words.deletions + words.hits,
-        char_edits=chars.substitutions + chars.deletions + chars.insertions,
-        ref_chars=chars.substitutions + chars.deletions + chars.hits,
-    )
-
-
-def corpus_counts(counts: Iterable[ErrorCounts]) -> ErrorCounts:
-    """Sum of per-utterance counts: ``corpus_counts(c).wer`` is total edits / total reference words."""
-    total = ErrorCounts()
-    for c in counts:
-        total = total + c
-    return total
-
 
 # --------------------------------------------------------------------------- models
 
@@ -248,7 +167,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run every model on the manifest; returns the result dict that ``--json`` writes."""
     decoding = decoding or Decoding()
-    from qpipe.frontends.audio import Featurizer, load_audio, read_manifest
+    from qpipe.frontends.audio import load_audio, read_manifest
+    from qpipe.frontends.nemo import NemoFeaturizer
 
     entries = read_manifest(manifest)
     if limit is not None:
@@ -293,7 +213,7 @@ def evaluate(
         # with the float model uses NeMo's own, so both see identical features.
         if all(m.kind == "quantized" for m in members):
             return members[0].info["_qm"].featurizer()
-        return Featurizer(members[0].preprocessor)
+        return NemoFeaturizer(members[0].preprocessor)
 
     featurizers = [(featurizer_for(members), members) for members in groups.values()]
     decoders = {id(c): decoding.decoder_for(c.vocabulary, c.logit_scale) for c in cands}
@@ -604,9 +524,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_json_atomic(args.json, result)
         console.print(f"wrote {args.json}", highlight=False, markup=False)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from qpipe.cli import main as cli_main
-
-    sys.exit(cli_main(["eval", *sys.argv[1:]]))

@@ -85,7 +85,7 @@ class BeamSearchDecoder:
     """
 
     vocabulary: Sequence[str]
-    lm: Any = None  # qpipe.lm.NgramLM
+    lm: Any = None  # qpipe.asr.lm.NgramLM
     alpha: float = 0.8
     beta: float = 1.5
     beam_width: int = 32
@@ -202,7 +202,7 @@ class Decoding:
     def load(self) -> None:
         """Read the LM now: a bad file fails before any model runs."""
         if self.lm_path and self._lm is None:
-            from qpipe.lm import read_arpa
+            from qpipe.asr.lm import read_arpa
 
             self._lm = read_arpa(self.lm_path)
 

@@ -1,4 +1,4 @@
-"""qpipe.decode.BeamSearchDecoder against exhaustive CTC path sums and greedy decoding."""
+"""qpipe.asr.decode.BeamSearchDecoder against exhaustive CTC path sums and greedy decoding."""
 from __future__ import annotations
 
 import itertools
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qpipe.decode import BeamSearchDecoder, greedy_ctc
-from qpipe.lm import build_kneser_ney
+from qpipe.asr.decode import BeamSearchDecoder, greedy_ctc
+from qpipe.asr.lm import build_kneser_ney
 
 
 def _collapse(path, vocab, blank):

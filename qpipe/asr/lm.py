@@ -83,7 +83,7 @@ class NgramLM:
 
 
 def _sentences(lines: Iterable[str]) -> Iterable[list[str]]:
-    from qpipe.evaluate import normalize_text
+    from qpipe.asr.metrics import normalize_text
 
     for line in lines:
         words = normalize_text(line).split()
@@ -172,7 +172,7 @@ def read_sentences(paths: Sequence[str]) -> list[str]:
     """Normalized sentences from text files (a sentence a line) or NeMo manifests (their 'text')."""
     import json
 
-    from qpipe.evaluate import normalize_text
+    from qpipe.asr.metrics import normalize_text
 
     out: list[str] = []
     for path in paths:

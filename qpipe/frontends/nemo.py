@@ -15,8 +15,10 @@ import tarfile
 import warnings
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
+from qpipe.frontends.audio import load_audio
 from qpipe.frontends.model import FloatModel
 from qpipe.ir.errors import QpipeError
 
@@ -188,3 +190,32 @@ def _plain(obj):
     except ImportError:  # pragma: no cover
         pass
     return obj
+
+
+class NemoFeaturizer:
+    """NeMo's mel preprocessor from its config, deterministic (no dither) and in eval mode."""
+
+    def __init__(self, preprocessor_cfg: Optional[dict[str, Any]]):
+        if not preprocessor_cfg:
+            raise QpipeError("the model carries no preprocessor config; cannot turn audio into features")
+        cfg = dict(preprocessor_cfg)
+        cfg["dither"] = 0.0
+        self.sample_rate = int(cfg.get("sample_rate", 16000))
+        with quiet_nemo():
+            from omegaconf import OmegaConf
+            from nemo.collections.asr.modules import AudioToMelSpectrogramPreprocessor
+
+            cfg.pop("_target_", None)
+            self.module = AudioToMelSpectrogramPreprocessor.from_config_dict(OmegaConf.create({"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor", **cfg}))
+        self.module.eval()
+
+    def __call__(self, audio: np.ndarray) -> torch.Tensor:
+        """(1, features, frames) for one utterance."""
+        signal = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0)
+        length = torch.tensor([signal.shape[1]])
+        with torch.no_grad():
+            feats, feat_len = self.module(input_signal=signal, length=length)
+        return feats[:, :, : int(feat_len[0])]
+
+    def file(self, path: str) -> torch.Tensor:
+        return self(load_audio(path, self.sample_rate))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qpipe.frontends.audio import load_audio
 from qpipe.ir.errors import QpipeError
 
 _CONSTANT = 1e-5  # NeMo's std guard in normalize_batch
@@ -94,6 +95,4 @@ class MelFeaturizer:
         return feats.contiguous()
 
     def file(self, path: str) -> torch.Tensor:
-        from qpipe.frontends.audio import load_audio
-
         return self(load_audio(path, self.sample_rate))

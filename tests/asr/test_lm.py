@@ -1,4 +1,4 @@
-"""qpipe.lm: Kneser-Ney n-gram LMs, exact normalization, ARPA round trip, clear errors."""
+"""qpipe.asr.lm: Kneser-Ney n-gram LMs, exact normalization, ARPA round trip, clear errors."""
 from __future__ import annotations
 
 import gzip
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qpipe.ir.errors import QpipeError
-from qpipe.lm import BOS, EOS, UNK, build_kneser_ney, read_arpa, read_sentences, write_arpa
+from qpipe.asr.lm import BOS, EOS, UNK, build_kneser_ney, read_arpa, read_sentences, write_arpa
 
 WORDS = ["a", "b", "c", "dd", "e'f"]
 sentences = st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).map(" ".join), min_size=1, max_size=12)

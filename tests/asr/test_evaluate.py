@@ -14,9 +14,9 @@ import pytest
 try:
     import qpipe  # noqa: F401
 except ImportError:  # run without the lead's conftest: put the checkout on the path
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from qpipe.evaluate import (  # noqa: E402
+from qpipe.asr.evaluate import (  # noqa: E402
     ErrorCounts,
     corpus_counts,
     error_counts,
@@ -210,7 +210,7 @@ def test_eval_float_and_quantized(tiny_quantized, capsys):
     texts = ["Hello, world!", "the quick brown fox", "Don't panic."]
     manifest = _espeak_manifest(folder, texts)
     report = str(folder / "eval.json")
-    from qpipe.evaluate import main
+    from qpipe.asr.evaluate import main
 
     assert main([nemo, out, "--manifest", manifest, "--json", report, "--per-utterance", "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -248,7 +248,7 @@ def test_eval_outputs_only_limit_and_other_preprocessor(tiny_quantized, capsys):
         meta["preprocessor"]["window_size"] = 0.025
         json.dump(meta, open(meta_path, "w"))
     report = str(folder / "b" / "eval.json")
-    from qpipe.evaluate import main
+    from qpipe.asr.evaluate import main
 
     assert main([out, other, "--manifest", manifest, "--limit", "1", "--json", report, "--diffs", "--quiet"]) == 0
     captured = capsys.readouterr()
@@ -289,7 +289,7 @@ def test_eval_with_a_word_lm(tiny_quantized, capsys):
 def test_decoding_describes_itself():
     import torch
 
-    from qpipe.decode import Decoding
+    from qpipe.asr.decode import Decoding
 
     assert Decoding().describe() == {"method": "greedy"}
     assert Decoding(beam_width=8).describe() == {"method": "beam", "beam_width": 8}

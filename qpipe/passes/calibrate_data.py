@@ -5,7 +5,8 @@ import random
 
 from torch.fx import GraphModule
 
-from qpipe.frontends.audio import make_featurizer, read_manifest
+from qpipe.frontends.audio import read_manifest
+from qpipe.frontends.features import make_featurizer
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.passes import PassContext, PassResult, register
 from qpipe.ir.stages import Stage
