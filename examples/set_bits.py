@@ -4,9 +4,15 @@ Run it between insert-observers and the calibration:
 
     qpipe model.nemo --load examples/set_bits.py \
         --passes "fold-bn,insert-observers,set-bits{match=encoder.0,bits=6},calibrate-synthetic,substitute-int-ops,fuse-requant,eliminate-dead-float"
+
+The policy in ``meta["qpolicy"]`` is a frozen, validated spec: a pass replaces it
+(``dataclasses.replace``), and a bit width that makes no sense fails right here.
 """
+from dataclasses import replace
+
 from qpipe.ir.meta import QPOLICY, source_name
 from qpipe.ir.passes import PassContext, PassResult, register
+from qpipe.ir.policy import LayerPolicy, QuantSpec
 from qpipe.ir.stages import Stage
 
 
@@ -17,12 +23,12 @@ def set_bits(gm, ctx: PassContext) -> PassResult:
     changed = 0
     for node in gm.graph.nodes:
         policy = node.meta.get(QPOLICY)
-        if not policy or match not in source_name(node):
+        if policy is None or match not in source_name(node):
             continue
-        if "bits" in policy and policy.get("role") == "activation":
-            policy["bits"] = bits
+        if isinstance(policy, QuantSpec) and policy.role == "activation":
+            node.meta[QPOLICY] = replace(policy, bits=bits)
             changed += 1
-        if ctx.options["weights"] and "w_bits" in policy:
-            policy["w_bits"] = bits
+        if ctx.options["weights"] and isinstance(policy, LayerPolicy) and policy.weight is not None:
+            node.meta[QPOLICY] = replace(policy, weight=replace(policy.weight, bits=bits))
             changed += 1
     return PassResult(gm, changed > 0, {"changed": changed})

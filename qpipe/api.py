@@ -125,7 +125,7 @@ def quantize(
     metrics: dict[str, Any] = {"load_seconds": round(load_s, 2), "pipeline_seconds": round(sum(r.seconds for r in run.records), 2)}
     metrics["float_mb"] = round(_param_bytes(float_gm) / 2**20, 3)
     metrics["final_mb"] = round(_param_bytes(gm) / 2**20, 3)
-    calib = state.get("calibration_inputs")
+    calib = state.calibration_inputs
     if str(graph_stage(gm)) == "integer" and calib:
         metrics.update(compare_outputs(float_gm, gm, calib[:2]))
     report = format_report(fm, run, metrics)

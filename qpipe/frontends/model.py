@@ -7,6 +7,8 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule
 
+from qpipe.ir.state import PipelineState
+
 
 @dataclass
 class FloatModel:
@@ -36,15 +38,15 @@ class FloatModel:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.example_inputs[0].shape)
 
-    def pipeline_state(self) -> dict[str, Any]:
+    def pipeline_state(self) -> PipelineState:
         """The facts passes may need (synthetic calibration builds inputs of this shape)."""
-        return {
-            "input_shape": self.input_shape,
-            "time_dim": self.time_dim,
-            "time_multiple": self.time_multiple,
-            "max_time": self.max_time,
-            "source": self.source,
-            "kind": self.kind,
-            "preprocessor": self.preprocessor,
-            "featurizer_state": self.featurizer_state,
-        }
+        return PipelineState(
+            input_shape=self.input_shape,
+            time_dim=self.time_dim,
+            time_multiple=self.time_multiple,
+            max_time=self.max_time,
+            source=self.source,
+            kind=self.kind,
+            preprocessor=self.preprocessor,
+            featurizer_state=self.featurizer_state,
+        )

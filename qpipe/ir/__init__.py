@@ -6,6 +6,10 @@ Importing this package registers the ``qpipe::`` operators with torch.library.
 from qpipe.ir import ops as ops  # noqa: F401  (registers torch.ops.qpipe.*)
 from qpipe.ir.errors import QpipeError, PassFailure
 from qpipe.ir.stages import Stage
+from qpipe.ir.state import PipelineState
+from qpipe.ir.opspec import OpKind, OpSpec, ScaleRule, spec_of
+from qpipe.ir.policy import LayerPolicy, QuantSpec
+from qpipe.ir.qtype import QType, qtype_of
 from qpipe.ir.passes import (
     PassContext,
     PassResult,
@@ -25,6 +29,15 @@ __all__ = [
     "QpipeError",
     "PassFailure",
     "Stage",
+    "PipelineState",
+    "OpKind",
+    "OpSpec",
+    "ScaleRule",
+    "spec_of",
+    "LayerPolicy",
+    "QuantSpec",
+    "QType",
+    "qtype_of",
     "PassContext",
     "PassResult",
     "PassSpec",

@@ -4,8 +4,10 @@ A pass is a plain function ``(gm, ctx) -> PassResult`` registered with
 ``@register(name, needs=Stage.X, leaves=Stage.Y, options={...})``. Pipelines are
 strings (``fold-bn,insert-observers{act=percentile:99.99},...``) so a run can be
 written down and replayed. The runner checks the stages fit before running
-anything, verifies the graph after every pass, and instruments like LLVM/MLIR
-(print-after-all, print-after-change, diffs, numbered dumps).
+anything, and after every pass owns the bookkeeping a pass would otherwise
+repeat: lint, recompile, re-derive ``meta["val"]`` (when the pass says it changed
+the graph), then verify (timed apart from the pass). It instruments like
+LLVM/MLIR (print-after-all, print-after-change, diffs, numbered dumps).
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from torch.fx import GraphModule
 
 from qpipe.ir.errors import PassFailure, QpipeError
 from qpipe.ir.printer import print_ir
+from qpipe.ir.shapes import propagate_meta
 from qpipe.ir.stages import Stage, graph_stage, set_graph_stage
+from qpipe.ir.state import PipelineState
 from qpipe.ir.verifier import verify
 
 
@@ -38,12 +42,13 @@ class PassContext:
     """What a pass may read besides the graph.
 
     ``options``: this pass's options (defaults filled in, types checked).
-    ``state``: shared across the pipeline (frontend facts such as the feature
-    count and example input, the seed, results a later pass needs).
+    ``state``: shared across the pipeline (:class:`PipelineState`: frontend facts
+    such as the example input's shape, the calibration inputs, results a later
+    pass needs).
     """
 
     options: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
+    state: PipelineState = field(default_factory=PipelineState)
     pass_name: str = ""
     progress: bool = True
     log: Callable[[str], None] = lambda msg: None
@@ -77,11 +82,20 @@ def register(
     leaves: Optional[Stage] = None,
     options: Optional[dict[str, Any]] = None,
 ) -> Callable[[PassFn], PassFn]:
-    """Register a pass under ``name``. ``needs``/``leaves`` None means "any, unchanged"."""
+    """Register a pass under ``name``. ``needs``/``leaves`` None means "any, unchanged".
+
+    A name is registered once: a second pass of the same name is an error (it
+    would silently replace the first), and so is a name taken by a named pipeline.
+    """
     if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
         raise ValueError(f"pass names are lower-case words joined by '-', got {name!r}")
 
     def deco(fn: PassFn) -> PassFn:
+        if name in _PASSES:
+            where = getattr(_PASSES[name].fn, "__module__", "?")
+            raise QpipeError(f"pass '{name}' is already registered (by {where}); pick another name")
+        if name in _PIPELINES:
+            raise QpipeError(f"'{name}' is already the name of a pipeline; pick another pass name")
         _PASSES[name] = PassSpec(name, fn, needs, leaves, dict(options or {}), fn.__doc__ or "")
         return fn
 
@@ -90,6 +104,8 @@ def register(
 
 def register_pipeline(name: str, pipeline: str) -> None:
     """Name a pipeline string (e.g. ``default``) so it can be used as one step."""
+    if name in _PASSES or (name in _PIPELINES and _PIPELINES[name] != pipeline):
+        raise QpipeError(f"'{name}' is already registered; pick another pipeline name")
     _PIPELINES[name] = pipeline
 
 
@@ -104,10 +120,19 @@ def _load_entry_points() -> None:
         ep.load()
 
 
+_LOADED_FILES: dict[str, list[str]] = {}
+
+
 def load_pass_file(path: str) -> list[str]:
-    """Import a user's Python file whose ``@register`` calls add passes; returns their names."""
+    """Import a user's Python file whose ``@register`` calls add passes; returns their names.
+
+    Loading the same file again returns the names it registered the first time.
+    """
     if not os.path.isfile(path):
         raise QpipeError(f"--load: no such file: {path}")
+    key = os.path.realpath(path)
+    if key in _LOADED_FILES:
+        return list(_LOADED_FILES[key])
     before = set(_PASSES)
     mod_name = "qpipe_user_pass_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -119,7 +144,8 @@ def load_pass_file(path: str) -> list[str]:
         spec.loader.exec_module(module)
     except Exception as exc:  # the user's file: say which and why, in one line
         raise QpipeError(f"--load {path}: {type(exc).__name__}: {exc}") from exc
-    return sorted(set(_PASSES) - before)
+    _LOADED_FILES[key] = sorted(set(_PASSES) - before)
+    return list(_LOADED_FILES[key])
 
 
 def get_pass(name: str) -> PassSpec:
@@ -286,11 +312,14 @@ class Instrumentation:
 
 @dataclass
 class PassRecord:
+    """``seconds``: the pass and the runner's bookkeeping after it; ``verify_seconds``: the verifier alone."""
+
     name: str
     step: str
     seconds: float
     modified: bool
     stats: dict[str, Any]
+    verify_seconds: float = 0.0
 
 
 @dataclass
@@ -311,7 +340,7 @@ def ir_diff(before: str, after: str, a_name: str = "before", b_name: str = "afte
 def run_pipeline(
     gm: GraphModule,
     pipeline: Pipeline | str,
-    state: Optional[dict[str, Any]] = None,
+    state: Optional[PipelineState] = None,
     instrument: Optional[Instrumentation] = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: None,
@@ -319,7 +348,7 @@ def run_pipeline(
     if isinstance(pipeline, str):
         pipeline = parse_pipeline(pipeline)
     instrument = instrument or Instrumentation()
-    state = state if state is not None else {}
+    state = state if state is not None else PipelineState()
     check_stages(pipeline, graph_stage(gm))
     if instrument.dump_dir:
         os.makedirs(instrument.dump_dir, exist_ok=True)
@@ -347,16 +376,23 @@ def run_pipeline(
         if not isinstance(result, PassResult):
             raise PassFailure(spec.name, ran_before, f"returned {type(result).__name__}, not PassResult")
         gm = result.gm
+        try:
+            _bookkeeping(gm, bool(result.modified))
+        except Exception as exc:
+            raise PassFailure(spec.name, ran_before, f"left a broken graph: {type(exc).__name__}: {exc}") from exc
         if spec.leaves is not None:
             set_graph_stage(gm, spec.leaves)
+        seconds = time.perf_counter() - started
+        verify_seconds = 0.0
         if instrument.verify_each:
+            started = time.perf_counter()
             try:
                 verify(gm, graph_stage(gm))
             except QpipeError as exc:
                 raise PassFailure(spec.name, ran_before, str(exc)) from exc
-        seconds = time.perf_counter() - started
-        records.append(PassRecord(spec.name, str(step), seconds, bool(result.modified), dict(result.stats)))
-        log(f"{spec.name}: {seconds:.2f}s {_fmt_stats(result.stats)}")
+            verify_seconds = time.perf_counter() - started
+        records.append(PassRecord(spec.name, str(step), seconds, bool(result.modified), dict(result.stats), verify_seconds))
+        log(f"{spec.name}: {seconds:.2f}s (+{verify_seconds:.2f}s verify) {_fmt_stats(result.stats)}")
         if want_text:
             new_text = print_ir(gm)
             label = f"{index:03d}_{spec.name}"
@@ -369,6 +405,14 @@ def run_pipeline(
                 _write(os.path.join(instrument.dump_dir, label + ".txt"), new_text)
             text = new_text
     return PipelineRun(gm, pipeline, records)
+
+
+def _bookkeeping(gm: GraphModule, modified: bool) -> None:
+    """What every pass would otherwise repeat: a sound graph, fresh code, fresh shapes."""
+    gm.graph.lint()
+    gm.recompile()
+    if modified and any(n.op == "placeholder" and "val" in n.meta for n in gm.graph.nodes):
+        propagate_meta(gm)
 
 
 def _fmt_stats(stats: dict[str, Any]) -> str:

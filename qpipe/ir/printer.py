@@ -1,6 +1,10 @@
 """Deterministic text form of a graph: one node per line, with dtype, shape and qparams.
 
-    %conv_3 = qpipe.conv1d_rq(%x_2, %w_3, ...) {m=[1518500250..x256], s=[38..x256]} : i8[1,256,T]
+    %conv_3 = qpipe.conv1d_rq(%x_2, %w_3, %b_3, m=%m_3, s=%s_3, ..., bits=8) {out_scale=0.0123, ...} : i8[1,256,T] q8<0.0123>
+
+``qpipe::`` ops print their tensor inputs (and weight, bias) by position and every
+other argument by its schema name, from the op's spec; the integer type's scale
+(``meta["qtype"]``) follows the tensor type.
 
 Tests check it with ``torch.testing.FileCheck`` the way MLIR tests check passes,
 and ``--print-diff`` diffs two of these.
@@ -14,6 +18,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpipe.ir.meta import PROVENANCE, QPARAMS, QPOLICY
+from qpipe.ir.opspec import spec_of
+from qpipe.ir.qtype import qtype_of
 
 _DTYPE = {
     torch.float32: "f32",
@@ -130,16 +136,28 @@ def format_node(node: Node, syms: SymbolNames, with_provenance: bool = False) ->
     if node.op == "output":
         return "return " + _fmt_value(node.args[0])
     head = f"%{node.name} = {target_name(node)}"
-    if node.op in ("call_function", "call_module"):
+    spec = spec_of(node)
+    if spec is not None:
+        positional = {spec.arg_names[0], *spec.inputs, spec.weight, spec.bias}
+        args = [
+            _fmt_value(v) if name in positional else f"{name}={_fmt_value(v)}" for name, v in spec.bind(node).items()
+        ]
+        head += "(" + ", ".join(args) + ")"
+    elif node.op in ("call_function", "call_module"):
         args = [_fmt_value(a) for a in node.args]
         args += [f"{k}={_fmt_value(v)}" for k, v in node.kwargs.items()]
         head += "(" + ", ".join(args) + ")"
     q = {}
-    q.update(node.meta.get(QPOLICY, {}) or {})
+    policy = node.meta.get(QPOLICY)
+    if policy is not None:
+        q.update(policy.describe() if hasattr(policy, "describe") else policy)
     q.update(node.meta.get(QPARAMS, {}) or {})
     if q:
         head += " " + _fmt_qmeta(q)
     head += " : " + _fmt_type(node.meta.get("val"), syms)
+    qtype = qtype_of(node)
+    if qtype is not None:
+        head += f" {qtype}"
     if with_provenance and node.meta.get(PROVENANCE):
         head += "  # from " + ", ".join(node.meta[PROVENANCE])
     return head

@@ -1,8 +1,10 @@
 """What each stage allows, as tables, and the check that a graph keeps to them.
 
 The integer stage is the contract that matters: every node between an input
-``qpipe.quantize`` and the graph output is an integer tensor made by an op in
-``INTEGER_OPS``; each offender is named with its provenance.
+``qpipe.quantize`` and the graph output is an integer tensor made by a ``qpipe::``
+op (the table comes from the op specs) or a layout op; each carries a
+``meta["qtype"]`` whose scale follows from its inputs' and its dyadic pair's. Each
+offender is named with its provenance.
 """
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from qpipe.ir import ops as _ops  # noqa: F401  (registers the op specs the tables come from)
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import fetch_attr
 from qpipe.ir.meta import QPARAMS, source_name
+from qpipe.ir.opspec import OpKind, ScaleRule, all_specs, spec_of
+from qpipe.ir.ops.kernels import dtype_for_bits
 from qpipe.ir.printer import target_name
+from qpipe.ir.qtype import QType, qtype_of
 from qpipe.ir.stages import Stage
 
 aten = torch.ops.aten
@@ -44,17 +50,8 @@ LAYOUT_OPS = frozenset(
     }
 )
 
-INTEGER_OPS = frozenset(
-    {
-        qpipe_ops.conv1d_acc.default,
-        qpipe_ops.linear_acc.default,
-        qpipe_ops.requant.default,
-        qpipe_ops.add_requant.default,
-        qpipe_ops.clamp_int.default,
-        qpipe_ops.conv1d_rq.default,
-        qpipe_ops.linear_rq.default,
-    }
-)
+# Every qpipe:: op but the quantizer (the boundary into the region) and dequantize.
+INTEGER_OPS = frozenset(spec.op for spec in all_specs() if spec.kind is not OpKind.QUANTIZE)
 BATCH_NORM_OPS = frozenset(
     {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default}
 )
@@ -104,6 +101,104 @@ def integer_violations(gm: GraphModule) -> list[str]:
     return problems
 
 
+def _const(gm: GraphModule, arg) -> torch.Tensor | None:
+    if isinstance(arg, Node) and arg.op == "get_attr":
+        value = fetch_attr(gm, arg.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _channel_scales(q: QType, channels: int) -> list[float]:
+    return list(q.scales) if q.per_channel else [float(q.scale)] * channels
+
+
+# m * 2**-s is the rounded ratio: |ratio * 2**s - m| <= 1/2, and float64 slack on top.
+_SLACK = 1e-9
+
+
+def _dyadic_agrees(in_scale: float, m: int, s: int, out_scale: float) -> bool:
+    ratio = in_scale / out_scale
+    return abs(ratio * 2.0**s - m) <= 0.5 + _SLACK * max(1.0, ratio * 2.0**s)
+
+
+def qtype_violations(gm: GraphModule) -> list[str]:
+    """Every integer tensor has a qtype whose bits fit its dtype and whose scale follows the op's rule."""
+    problems = []
+    for node in [*quantizers(gm), *integer_region(gm)]:
+        where = f"%{node.name} = {target_name(node)} (from {source_name(node)})"
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        q = qtype_of(node)
+        if q is None:
+            problems.append(f"{where}: no meta['qtype']")
+            continue
+        if val.dtype in INTEGER_DTYPES and dtype_for_bits(q.bits) != val.dtype and not (q.bits <= 8 and val.dtype == torch.uint8):
+            problems.append(f"{where}: qtype {q} does not fit its dtype {val.dtype}")
+        spec = spec_of(node)
+        if spec is None:  # a layout op: the scale of its input
+            src = next((a for a in node.all_input_nodes if qtype_of(a) is not None), None)
+            if src is not None and qtype_of(src) != q and not qtype_of(src).per_channel:
+                problems.append(f"{where}: layout op changes the qtype {qtype_of(src)} -> {q}")
+            continue
+        values = spec.bind(node)
+        problems += [f"{where}: {p}" for p in _scale_rule_problems(gm, spec, values, q, val.dim())]
+    return problems
+
+
+def _scale_rule_problems(gm: GraphModule, spec, values: dict, q: QType, ndim: int) -> list[str]:
+    ins = [qtype_of(values[name]) if isinstance(values[name], Node) else None for name in spec.inputs]
+    if any(i is None for i in ins):
+        return [f"an input of qpipe.{spec.name} has no qtype"]
+    rule = spec.scale_rule
+    if rule is ScaleRule.ARGUMENT:
+        return [] if q.scale == float(values[spec.scale_arg]) else [f"scale {q.scale} is not the op's scale argument {values[spec.scale_arg]}"]
+    if rule is ScaleRule.INHERITED:
+        return [] if q == ins[0] else [f"an op that keeps its input's scale changed it: {ins[0]} -> {q}"]
+    w_scales = None
+    if spec.weight:
+        wq = qtype_of(values[spec.weight])
+        if wq is None:
+            return [f"weight {values[spec.weight]} has no qtype"]
+        w_scales = wq.scales
+    if rule is ScaleRule.PRODUCT:
+        expect = [ins[0].scale * ws for ws in w_scales] if w_scales else None
+        got = _channel_scales(q, len(expect)) if expect else []
+        if expect and any(abs(g - e) > 1e-12 * e for g, e in zip(got, expect)):
+            return [f"accumulator scale {q} is not input scale x weight scale"]
+        return []
+    if rule is ScaleRule.OBSERVED:
+        shift = _const(gm, values[spec.shift])
+        if shift is None or shift.dtype != torch.int64:
+            return [f"shift '{spec.shift}' is not an int64 tensor constant"]
+        problems = []
+        for name, in_q in zip(spec.multipliers, ins):
+            m = _const(gm, values[name])
+            if m is None or m.dtype != torch.int64:
+                problems.append(f"multiplier '{name}' is not an int64 tensor constant")
+                continue
+            channels = max(m.numel(), shift.numel(), len(q.scales), len(w_scales or ()))
+            in_scales = _channel_scales(in_q, channels)
+            if w_scales is not None:
+                in_scales = [a * b for a, b in zip(in_scales, _channel_scales(QType.of(8, w_scales, 0), channels))]
+            ms = m.flatten().tolist() * (channels if m.numel() == 1 else 1)
+            ss = shift.flatten().tolist() * (channels if shift.numel() == 1 else 1)
+            outs = _channel_scales(q, channels)
+            bad = [c for c in range(channels) if not _dyadic_agrees(in_scales[c], ms[c], ss[c], outs[c])]
+            if bad:
+                c = bad[0]
+                problems.append(
+                    f"({name}, s) = ({ms[c]}, {ss[c]}) at channel {c} does not take scale {in_scales[c]:.6g} "
+                    f"to the output scale {outs[c]:.6g} (ratio {in_scales[c] / outs[c]:.9g})"
+                )
+        return problems
+    return []
+
+
+def quantizers(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and spec_of(n) is not None and spec_of(n).kind is OpKind.QUANTIZE]
+
+
 def verify(gm: GraphModule, stage: Stage) -> None:
     """Raise QpipeError listing every node that breaks the contract of ``stage``."""
     problems: list[str] = []
@@ -129,6 +224,7 @@ def verify(gm: GraphModule, stage: Stage) -> None:
             problems.append("no input quantizer (qpipe.quantize) in the integer graph")
         problems += [f"%{n.name} ({source_name(n)}): observer left in the integer graph" for n in nodes if _is_observer(n, gm)]
         problems += integer_violations(gm)
+        problems += qtype_violations(gm)
     if problems:
         listing = "\n  ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""

@@ -35,8 +35,8 @@ def calibrate_data(gm: GraphModule, ctx: PassContext) -> PassResult:
         raise QpipeError("calibrate-data: utterances must be >= 1")
     if len(entries) > n:
         entries = rng.sample(entries, n)
-    featurizer = make_featurizer(ctx.state.get("preprocessor"), ctx.state.get("featurizer_state"))
-    multiple = int(ctx.state.get("time_multiple", 1) or 1)
+    featurizer = make_featurizer(ctx.state.preprocessor, ctx.state.featurizer_state)
+    multiple = int(ctx.state.time_multiple or 1)
     batches = []
     for item in entries:
         feats = featurizer.file(item["audio_filepath"])
@@ -46,5 +46,5 @@ def calibrate_data(gm: GraphModule, ctx: PassContext) -> PassResult:
     if not batches:
         raise QpipeError(f"{manifest}: no utterance long enough to calibrate on")
     stats = calibrate_from_batches(gm, batches, f"data:{manifest}")
-    ctx.state["calibration_inputs"] = batches[:4]
+    ctx.state.calibration_inputs = batches[:4]
     return PassResult(gm, True, stats)

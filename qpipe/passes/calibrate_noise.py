@@ -31,5 +31,5 @@ def calibrate_noise(gm: GraphModule, ctx: PassContext) -> PassResult:
     else:
         raise QpipeError(f"calibrate-noise: kind must be gaussian or zeros, not '{kind}'")
     stats = calibrate_from_batches(gm, [x], f"noise:{kind}")
-    ctx.state["calibration_inputs"] = [x]
+    ctx.state.calibration_inputs = [x]
     return PassResult(gm, True, stats)

@@ -127,7 +127,7 @@ def calibrate_synthetic(gm: GraphModule, ctx: PassContext) -> PassResult:
     if o["batch"] < 1 or o["batches"] < 1 or o["steps"] < 0 or o["length"] < 2 or o["lr"] <= 0:
         raise QpipeError("calibrate-synthetic: batch, batches >= 1, steps >= 0, length >= 2, lr > 0")
     shape = input_shape(gm, ctx.state, int(o["batch"]), int(o["length"]))
-    norm = input_normalization(str(o["input_norm"]), ctx.state.get("preprocessor"))
+    norm = input_normalization(str(o["input_norm"]), ctx.state.preprocessor)
     data, firsts, lasts = [], [], []
     for b in range(int(o["batches"])):
         x, first, last = distill(gm, shape, int(o["steps"]), float(o["lr"]), float(o["init"]), int(o["seed"]) + b, ctx.progress, input_norm=norm)
@@ -136,5 +136,5 @@ def calibrate_synthetic(gm: GraphModule, ctx: PassContext) -> PassResult:
         lasts.append(last)
     stats = calibrate_from_batches(gm, data, "synthetic")
     stats.update({"kl_first": round(sum(firsts) / len(firsts), 4), "kl_last": round(sum(lasts) / len(lasts), 4), "input_norm": norm})
-    ctx.state["calibration_inputs"] = data
+    ctx.state.calibration_inputs = data
     return PassResult(gm, True, stats)

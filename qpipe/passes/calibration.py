@@ -13,6 +13,7 @@ from torch.fx import GraphModule, Node
 
 from qpipe.ir.meta import QPARAMS, QPOLICY
 from qpipe.ir.observer import ActObserver
+from qpipe.ir.state import PipelineState
 
 
 def observer_nodes(gm: GraphModule) -> list[tuple[Node, ActObserver]]:
@@ -38,10 +39,8 @@ def calibrate_from_batches(gm: GraphModule, batches: Iterable[torch.Tensor], sou
     batches = list(batches)
     obs = observer_nodes(gm)
     for node, mod in obs:  # the node's policy is the truth; a user pass may have changed it
-        policy = node.meta.get(QPOLICY, {})
-        mod.bits = int(policy.get("bits", mod.bits))
-        mod.method = str(policy.get("method", mod.method))
-        mod.percentile = float(policy.get("percentile", 100.0 if mod.method == "minmax" else mod.percentile))
+        policy = node.meta[QPOLICY]
+        mod.bits, mod.method, mod.percentile = policy.bits, policy.method, float(policy.percentile)
         mod.reset()
         mod.recording, mod.counting_scale = True, None
     for x in batches:
@@ -71,14 +70,14 @@ def calibrate_from_batches(gm: GraphModule, batches: Iterable[torch.Tensor], sou
     }
 
 
-def input_shape(gm: GraphModule, ctx_state: dict, batch: int, length: int) -> tuple[int, ...]:
+def input_shape(gm: GraphModule, state: PipelineState, batch: int, length: int) -> tuple[int, ...]:
     """The (batch, features, time) shape for calibration inputs, time rounded to the model's multiple.
 
     Taken from the frontend's example input when known, else from the graph's
     first input (its symbolic batch and time dimensions replaced).
     """
     val = next(n for n in gm.graph.nodes if n.op == "placeholder").meta.get("val")
-    shape = ctx_state.get("input_shape")
+    shape = state.input_shape
     if shape is None:
         if not isinstance(val, torch.Tensor):
             raise ValueError("cannot tell the model's input shape; give the frontend an example input")
@@ -86,8 +85,8 @@ def input_shape(gm: GraphModule, ctx_state: dict, batch: int, length: int) -> tu
     shape = list(shape)
     if isinstance(val, torch.Tensor) and isinstance(val.shape[0], int):
         batch = val.shape[0]  # export fixed the batch size: calibrate with that one
-    time_dim = ctx_state.get("time_dim", len(shape) - 1)
-    multiple = int(ctx_state.get("time_multiple", 1) or 1)
+    time_dim = state.time_dim
+    multiple = int(state.time_multiple or 1)
     shape[0] = batch
     if time_dim is not None:
         shape[time_dim] = max(multiple, (length // multiple) * multiple)

@@ -15,8 +15,6 @@ def eliminate_dead_float(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Remove dead float nodes and weights; fail, naming each node, if a float op remains in the integer region."""
     removed_nodes = prune_to_outputs(gm)
     removed_attrs, freed = delete_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
     problems = integer_violations(gm)
     if problems:
         raise QpipeError(

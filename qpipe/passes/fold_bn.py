@@ -8,10 +8,10 @@ from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import add_constant, delete_unused_attributes, fetch_attr
 from qpipe.ir.meta import BN_TARGET, set_provenance, source_name
 from qpipe.ir.passes import PassContext, PassResult, register
-from qpipe.ir.shapes import propagate_meta
 from qpipe.ir.stages import Stage
 from qpipe.ir.verifier import BATCH_NORM_OPS
-from qpipe.passes.ops_table import CONV_OPS, conv_args, is_call
+from qpipe.passes.lower.conv import CONV_OPS, conv_args
+from qpipe.passes.lower.table import is_call
 
 
 def _bn_args(node):
@@ -67,7 +67,4 @@ def fold_batchnorm(gm: GraphModule, ctx: PassContext) -> PassResult:
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     removed, _ = delete_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
-    propagate_meta(gm)
     return PassResult(gm, folded > 0, {"folded": folded, "params_removed": removed})

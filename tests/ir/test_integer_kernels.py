@@ -1,6 +1,6 @@
 """Property tests: the ``qpipe::`` integer kernels are bit-exact.
 
-Every expected value is computed independently of ``ir/ops.py`` in Python
+Every expected value is computed independently of ``qpipe/ir/ops/`` in Python
 integers and ``fractions.Fraction`` (never with the kernels' own helpers such as
 ``round_shift`` or ``requant_reference``). Rounding is "half up":
 ``round(v) = floor(v + 1/2)``, so 2.5 -> 3, -2.5 -> -2, -1.5 -> -1.
@@ -538,6 +538,12 @@ def test_linear_rq_equals_requant_of_acc(case, data):
 # 5. residual add
 
 
+def add_rq(a, b, ma: int, mb: int, s: int, lo: int, hi: int, bits: int):
+    """qpipe.add_requant with its dyadic pair as int64 tensors, the one way pairs travel."""
+    return Q.add_requant(a, b, torch.tensor(ma, dtype=torch.int64), torch.tensor(mb, dtype=torch.int64),
+                         torch.tensor(s, dtype=torch.int64), lo, hi, bits)
+
+
 def ref_add(a: int, b: int, ma: int, mb: int, s: int, lo: int, hi: int) -> int:
     return clamp(half_up(Fraction(a * ma + b * mb, 2**s)), lo, hi)
 
@@ -576,7 +582,7 @@ def test_add_requant_matches_fraction(ops, params):
     ma, mb, s, bits, lo, hi = params
     at = torch.tensor(a, dtype=torch.int8).reshape(shape)
     bt = torch.tensor(b, dtype=torch.int8).reshape(b_shape)
-    out = Q.add_requant(at, bt, ma, mb, s, lo, hi, bits)
+    out = add_rq(at, bt, ma, mb, s, lo, hi, bits)
     assert out.dtype == OUT_DTYPE[bits]
     assert tuple(out.shape) == shape
     a64, b64 = at.to(torch.int64), bt.to(torch.int64).expand(shape)
@@ -632,14 +638,14 @@ def test_add_requant_never_leaves_lo_hi(ops, params):
     # the largest operands push the sum far outside: results must pin at lo / hi
     at = torch.tensor(a, dtype=torch.int8).reshape(shape)
     bt = torch.tensor(b, dtype=torch.int8).reshape(b_shape)
-    out = Q.add_requant(at, bt, ma, mb, min(s, 8), lo, hi, bits)
+    out = add_rq(at, bt, ma, mb, min(s, 8), lo, hi, bits)
     assert out.dtype == OUT_DTYPE[bits]
     assert bool(((out >= lo) & (out <= hi)).all())
-    full = Q.add_requant(
+    full = add_rq(
         torch.full(shape, 127, dtype=torch.int8), torch.full(b_shape, 127, dtype=torch.int8), 2**31 - 1, 2**31 - 1, 8, lo, hi, bits
     )
     assert bool((full == hi).all())
-    full_neg = Q.add_requant(
+    full_neg = add_rq(
         torch.full(shape, -127, dtype=torch.int8), torch.full(b_shape, -128, dtype=torch.int8), 2**31 - 1, 2**31 - 1, 8, lo, hi, bits
     )
     assert bool((full_neg == lo).all())
@@ -754,7 +760,7 @@ def test_quantize_float32_input(xs, scale):
 
 def test_float_path_is_chosen_by_the_proven_bound():
     """Short reductions run in float32, long ones in float64; both stay exact (int64 reference)."""
-    from qpipe.ir.ops import _exact_float_dtype
+    from qpipe.ir.ops.kernels import exact_float_dtype as _exact_float_dtype
 
     gen = torch.Generator().manual_seed(0)
     for reduction, expected in ((64, torch.float32), (8192, torch.float64)):

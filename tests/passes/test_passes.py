@@ -70,7 +70,7 @@ def test_calibrate_synthetic_reduces_kl_and_sets_scales(tiny_float_model):
     assert stats["kl_last"] < stats["kl_first"]
     scales = [n.meta[QPARAMS]["scale"] for n in run.gm.graph.nodes if n.op == "call_module"]
     assert scales and all(s > 0 for s in scales)
-    assert state["calibration_inputs"][0].shape == (4, 8, 48)
+    assert state.calibration_inputs[0].shape == (4, 8, 48)
 
 
 def test_calibrate_synthetic_is_deterministic_for_a_seed(tiny_float_model):
@@ -85,16 +85,16 @@ def test_calibrate_synthetic_is_deterministic_for_a_seed(tiny_float_model):
 def test_calibrate_synthetic_keeps_inputs_normalized_like_the_preprocessor(tiny_float_model):
     fm = copy.deepcopy(tiny_float_model)
     state = fm.pipeline_state()
-    state["preprocessor"] = {"normalize": "per_feature"}  # what NeMo's mel front ends say
+    state.preprocessor = {"normalize": "per_feature"}  # what NeMo's mel front ends say
     run = run_pipeline(fm.gm, f"fold-bn,insert-observers,{FAST_CALIBRATION}", state=state, progress=False)
     assert run.records[-1].stats["input_norm"] == "per_feature"
-    x = state["calibration_inputs"][0]
+    x = state.calibration_inputs[0]
     torch.testing.assert_close(x.mean(dim=-1), torch.zeros(x.shape[:2]), atol=1e-5, rtol=0)
     torch.testing.assert_close(x.std(dim=-1), torch.ones(x.shape[:2]), atol=1e-3, rtol=0)
     # without that config (a plain torch module) auto leaves the input free
     run2, state2 = _run(copy.deepcopy(tiny_float_model), f"fold-bn,insert-observers,{FAST_CALIBRATION}")
     assert run2.records[-1].stats["input_norm"] == "none"
-    assert state2["calibration_inputs"][0].std(dim=-1).max() < 0.9
+    assert state2.calibration_inputs[0].std(dim=-1).max() < 0.9
     with pytest.raises(QpipeError, match="input_norm must be"):
         _run(copy.deepcopy(tiny_float_model), "fold-bn,insert-observers,calibrate-synthetic{input_norm=global}")
 
@@ -107,12 +107,12 @@ def test_substitute_int_ops_makes_integer_graph(tiny_float_model):
     FileCheck().check("// stage: integer").check("qpipe.quantize(%x").check(": i8[B,8,T]") \
         .check("qpipe.conv1d_acc").check(": i32[").check("qpipe.requant").check(": i8[") \
         .check("qpipe.add_requant").check("lo=0").check("qpipe.conv1d_acc").check("qpipe.requant") \
-        .check("16) {").check(": i16[").run(text)
+        .check("bits=16) {").check(": i16[").run(text)
     stats = run.records[-1].stats
     assert stats["conv"] == 5 and stats["add"] == 1 and stats["quantize"] == 1
     for node in integer_region(gm):
         assert not node.meta["val"].is_floating_point(), node.name
-    metrics = compare_outputs(ref, gm, state["calibration_inputs"])
+    metrics = compare_outputs(ref, gm, state.calibration_inputs)
     assert metrics["logprob_sqnr_db"] > 25, metrics
 
 
@@ -181,4 +181,4 @@ def test_calibrate_noise_baselines(tiny_float_model):
 def test_lower_activation_bits_reach_the_integer_ops(tiny_float_model):
     run, _ = _run(tiny_float_model, FAST_PIPELINE.replace("insert-observers", "insert-observers{a_bits=6}"))
     text = print_ir(run.gm)
-    FileCheck().check("qpipe.conv1d_rq").check("-31, 31, 6)").run(text)
+    FileCheck().check("qpipe.conv1d_rq").check("lo=-31, hi=31, bits=6)").run(text)

@@ -1,0 +1,74 @@
+"""Integer convolutions: the accumulator alone, and fused with its requantization."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
+from qpipe.ir.ops.kernels import dtype_for_bits, exact_float_dtype, requant_reference
+
+_CONV_ROLES = dict(inputs=("x",), weight="w", bias="bias", channel_dim=1)
+_RQ_ROLES = dict(multipliers=("m",), shift="s", clamp=("lo", "hi"), out_bits="bits")
+
+
+def conv1d_accumulate(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    ft = exact_float_dtype(x, w, w.shape[1] * w.shape[2])
+    acc = torch.nn.functional.conv1d(
+        x.to(ft), w.to(ft), None, list(stride), list(padding), list(dilation), groups
+    ).to(torch.int64)
+    if bias is not None:
+        acc = acc + bias.to(torch.int64).reshape(1, -1, 1)
+    return acc
+
+
+def _conv1d_fake(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    return torch.nn.functional.conv1d(
+        x.to(torch.float32), w.to(torch.float32), None, list(stride), list(padding), list(dilation), groups
+    )
+
+
+@qpipe_op("conv1d_acc", kind=OpKind.ACCUMULATE, scale_rule=ScaleRule.PRODUCT, out_bits="acc_bits", fused="conv1d_rq", **_CONV_ROLES)
+def conv1d_acc(
+    x: Tensor,
+    w: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    acc_bits: int,
+) -> Tensor:
+    """Integer 1-D convolution; returns the exact accumulator (bias at S_x*S_w)."""
+    return conv1d_accumulate(x, w, bias, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+
+
+@conv1d_acc.register_fake
+def _(x, w, bias, stride, padding, dilation, groups, acc_bits):
+    return _conv1d_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+
+
+@qpipe_op("conv1d_rq", kind=OpKind.REQUANTIZE, scale_rule=ScaleRule.OBSERVED, **_CONV_ROLES, **_RQ_ROLES)
+def conv1d_rq(
+    x: Tensor,
+    w: Tensor,
+    bias: Optional[Tensor],
+    m: Tensor,
+    s: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    lo: int,
+    hi: int,
+    bits: int,
+) -> Tensor:
+    """Integer conv1d + per-channel dyadic requant + clamp (ReLU) -> int8."""
+    acc = conv1d_accumulate(x, w, bias, stride, padding, dilation, groups)
+    return requant_reference(acc, m, s, 1, lo, hi).to(dtype_for_bits(bits))
+
+
+@conv1d_rq.register_fake
+def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits):
+    return _conv1d_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(bits))

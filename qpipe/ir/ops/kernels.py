@@ -1,0 +1,102 @@
+"""Integer arithmetic shared by the ``qpipe::`` reference kernels.
+
+Convolutions and matmuls run their integer dot products in floating point:
+every int8*int8 product and partial sum is an integer below 2**24 (float32) or
+2**53 (float64), so the float result *is* the exact integer
+(``exact_float_dtype`` proves the bound from the data of each call).
+Rounding is always "half up": ``(v * m + 2**(s-1)) >> s`` with an arithmetic
+shift.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+_DTYPE_FOR_BITS = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def dtype_for_bits(bits: int) -> torch.dtype:
+    for width, dtype in sorted(_DTYPE_FOR_BITS.items()):
+        if bits <= width:
+            return dtype
+    raise ValueError(f"no integer dtype holds {bits} bits")
+
+
+def exact_float_dtype(x: Tensor, w: Tensor, reduction: int) -> torch.dtype:
+    """The narrowest float type in which this integer dot product is exact.
+
+    Every product and every partial sum is an integer of magnitude at most
+    ``max|x| * max|w| * reduction``; below 2**24 float32 holds them all exactly
+    (in any summation order), below 2**53 float64 does. The bound is taken from
+    the data, so it is proven for this call.
+    """
+    if x.numel() == 0 or w.numel() == 0:
+        return torch.float64
+    bound = int(x.abs().max()) * int(w.abs().max()) * max(reduction, 1)
+    if bound < (1 << 24):
+        return torch.float32
+    if bound < (1 << 53):
+        return torch.float64
+    raise ValueError(f"integer dot product of length {reduction} may reach {bound}: beyond exact float64")
+
+
+def round_shift(v: Tensor, s: Tensor | int) -> Tensor:
+    """``round_half_up(v / 2**s)`` on int64 tensors, ``s >= 0`` (per element or scalar)."""
+    s = torch.as_tensor(s, dtype=torch.int64, device=v.device)
+    half = torch.where(s > 0, torch.bitwise_left_shift(torch.ones_like(s), (s - 1).clamp_min(0)), torch.zeros_like(s))
+    return torch.bitwise_right_shift(v + half, s)
+
+
+def broadcast_channel(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
+    if t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * ndim
+    shape[channel_dim] = t.numel()
+    return t.reshape(shape)
+
+
+def requant_reference(acc: Tensor, m: Tensor, s: Tensor, channel_dim: int, lo: int, hi: int) -> Tensor:
+    """``clamp((acc * m + 2**(s-1)) >> s, lo, hi)`` in int64, per channel."""
+    acc = acc.to(torch.int64)
+    m = broadcast_channel(m.to(torch.int64), acc.dim(), channel_dim)
+    s = broadcast_channel(s.to(torch.int64), acc.dim(), channel_dim)
+    return round_shift(acc * m, s).clamp(lo, hi)
+
+
+def div_round_half_up(x: Tensor, scale: float) -> Tensor:
+    """``floor(x / scale + 1/2)`` of the exact quotient, as float64 integers (``scale > 0``).
+
+    ``floor(x / scale + 0.5)`` in float64 rounds twice: the ``+ 0.5`` can round
+    up (0.49999999999999994 -> 1) and the quotient can round onto a half-integer
+    that the exact quotient lies just below. Here the float64 quotient ``t`` is
+    compared with ``h = floor(t) + 1/2`` exactly; only when ``t == h`` can the exact
+    quotient be on either side of ``h`` (``t`` is the float nearest to it), and
+    then the sign of ``x - h * scale`` decides, exactly.
+    """
+    x = x.to(torch.float64)
+    t = x / scale
+    k = torch.floor(t)
+    h = k + 0.5  # exact while |k| < 2**52; larger quotients are clamped anyway
+    q = k + (t > h).to(torch.float64)
+    tie = (t == h) & torch.isfinite(t)  # an infinite quotient saturates in the clamp
+    if bool(tie.any()):
+        xt, ht = x[tie], h[tie]
+        p = ht * scale  # correctly rounded h*scale: if x != p, x - h*scale has the sign of x - p
+        up = xt > p
+        same = xt == p
+        exact_product = math.frexp(scale)[0] == 0.5  # a power-of-two scale: p is h*scale exactly ...
+        same_idx = same.nonzero().flatten()
+        if same_idx.numel() and not (exact_product and bool((p[same].abs() >= _FLOAT64_MIN_NORMAL).all())):
+            fs = Fraction(scale)  # ... otherwise decide the rare x == fl(h*scale) cases in rationals
+            for i in same_idx.tolist():
+                up[i] = Fraction(xt[i].item()) >= Fraction(ht[i].item()) * fs
+        else:
+            up = up | same
+        q[tie] = k[tie] + up.to(torch.float64)
+    return q
+
+
+_FLOAT64_MIN_NORMAL = 2.2250738585072014e-308

@@ -1,0 +1,146 @@
+"""The state one ``substitute-int-ops`` run shares with the op handlers.
+
+A handler reads its float node, asks for the integer value of each input
+(``int_input``), emits ``qpipe::`` ops by argument name (``emit``) and says which
+integer node now stands for the float one (``bind``). Every emitted tensor gets
+its ``meta["qtype"]`` here, so no handler can forget it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qpipe.ir.dyadic import dyadic, int_range
+from qpipe.ir.errors import QpipeError
+from qpipe.ir.graph_utils import add_constant, users_through
+from qpipe.ir.meta import QPARAMS, QPOLICY, set_provenance, source_name
+from qpipe.ir.observer import ActObserver
+from qpipe.ir.opspec import spec_for
+from qpipe.ir.printer import target_name
+from qpipe.ir.qtype import QType, qtype_of, set_qtype
+from qpipe.passes.lower.table import family_of, transparent_ops
+
+
+def observer_of(gm: GraphModule, node: Node) -> Optional[Node]:
+    for user in node.users:
+        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), ActObserver):
+            return user
+    return None
+
+
+def after_activation(node: Node) -> bool:
+    policy = node.meta.get(QPOLICY)
+    return bool(getattr(policy, "after_activation", False))
+
+
+class Lowering:
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.graph = gm.graph
+        self.int_of: dict[Node, Node] = {}
+        self.stats: dict[str, int] = {}
+        self.tail_ops: list[str] = []
+
+    # -- bookkeeping ----------------------------------------------------------
+    def count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def bind(self, node: Node, integer: Node) -> None:
+        """``integer`` now stands for the float ``node``."""
+        self.int_of[node] = integer
+
+    def qtype(self, node: Node) -> QType:
+        q = qtype_of(node)
+        if q is None:
+            raise QpipeError(f"%{node.name} has no qtype (a handler emitted it without one)")
+        return q
+
+    def int_input(self, node: Node, arg: Any) -> Node:
+        if not isinstance(arg, Node) or arg not in self.int_of:
+            raise QpipeError(f"%{node.name} = {target_name(node)} ({source_name(node)}): input {arg} is not quantized")
+        return self.int_of[arg]
+
+    @staticmethod
+    def anchor(node: Node) -> Node:
+        """New nodes go right after ``node`` (after its observer), where their inputs exist."""
+        return node.next
+
+    # -- making nodes ---------------------------------------------------------
+    def const(self, hint: str, value: torch.Tensor, before: Node, qtype: Optional[QType] = None) -> Node:
+        node = add_constant(self.gm, hint, value, before)
+        if qtype is not None:
+            set_qtype(node, qtype)
+        return node
+
+    def emit(self, before: Node, op, values: dict[str, Any], src: Node, qtype: QType,
+             qparams: Optional[dict] = None) -> Node:
+        """A ``qpipe::`` op with its arguments given by name (its spec orders them)."""
+        spec = spec_for(op)
+        with self.graph.inserting_before(before):
+            node = self.graph.create_node("call_function", op, spec.args_from(values), name=f"{src.name}_{spec.name}")
+        set_provenance(node, [src])
+        set_qtype(node, qtype)
+        if qparams:
+            node.meta[QPARAMS] = qparams
+        return node
+
+    def copy_layout(self, node: Node, integer_input: Node) -> Node:
+        """The same view/select op on the integer tensor: its qtype is its input's."""
+        args = (integer_input,) + tuple(node.args[1:])
+        with self.graph.inserting_before(self.anchor(node)):
+            out = self.graph.create_node("call_function", node.target, args, dict(node.kwargs), name=f"{node.name}_int")
+        set_provenance(out, [node])
+        set_qtype(out, self.qtype(integer_input))
+        return out
+
+    # -- output scales ----------------------------------------------------------
+    def out_observer(self, node: Node) -> tuple[Node, Optional[Node]]:
+        """The observer whose scale ``node``'s integer output takes, and the activation folded in (if any)."""
+        act = None
+        if after_activation(node):
+            act = users_through(node, transparent_ops())[0]
+            obs = observer_of(self.gm, act)
+        else:
+            obs = observer_of(self.gm, node)
+        if obs is None or "scale" not in obs.meta.get(QPARAMS, {}):
+            raise QpipeError(f"{source_name(node)} has no calibrated observer: run insert-observers and a calibrate pass first")
+        return obs, act
+
+    def out_qparams(self, node: Node) -> tuple[float, int, Optional[Node], dict]:
+        """(scale, bits, folded activation or None, calibration facts) of ``node``'s integer output."""
+        obs, act = self.out_observer(node)
+        facts = obs.meta[QPARAMS]
+        kept = {k: facts[k] for k in ("saturation", "amax") if k in facts}
+        return facts["scale"], int(obs.meta[QPOLICY].bits), act, kept
+
+    def int_bounds(self, bits: int, scale: float, activation: Optional[Node]) -> tuple[int, int]:
+        """The integer clamp for ``bits`` at ``scale``, narrowed by an activation's real bounds."""
+        lo, hi = int_range(bits)
+        if activation is not None:
+            a_lo, a_hi = family_of(activation).bounds(activation)
+            if math.isfinite(a_lo):
+                lo = max(lo, math.ceil(a_lo / scale - 0.5))
+            if math.isfinite(a_hi):
+                hi = min(hi, math.floor(a_hi / scale + 0.5))
+        return lo, hi
+
+    def requant_after(self, node: Node, acc: Node, before: Node, channel_dim: int) -> Node:
+        """Requantize the accumulator ``acc`` (per-channel scale) to ``node``'s observed output scale."""
+        out_scale, bits, act, facts = self.out_qparams(node)
+        lo, hi = self.int_bounds(bits, out_scale, act)  # straight to the activation's scale and clamp
+        in_scales = torch.tensor(self.qtype(acc).scales, dtype=torch.float64)
+        pairs = [dyadic(r) for r in (in_scales / out_scale).tolist()]
+        m = self.const(f"{node.name}_m", torch.tensor([p[0] for p in pairs], dtype=torch.int64), before)
+        s = self.const(f"{node.name}_s", torch.tensor([p[1] for p in pairs], dtype=torch.int64), before)
+        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi,
+              "m": [p[0] for p in pairs], "s": [p[1] for p in pairs], **facts}
+        values = {"acc": acc, "m": m, "s": s, "channel_dim": channel_dim, "lo": lo, "hi": hi, "bits": bits}
+        rq = self.emit(before, torch.ops.qpipe.requant.default, values, node, QType.of(bits, out_scale), qp)
+        self.bind(node, rq)
+        if act is not None:
+            self.bind(act, rq)
+            self.count("activation")
+        return rq
