@@ -1,4 +1,4 @@
-"""Integer convolutions: the accumulator alone, and fused with its requantization."""
+"""Integer 1-D and 2-D convolutions: the accumulator alone, and fused with its requantization."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -13,18 +13,20 @@ _CONV_ROLES = dict(inputs=("x",), weight="w", bias="bias", channel_dim=1)
 _RQ_ROLES = dict(multipliers=("m",), shift="s", clamp=("lo", "hi"), out_bits="bits")
 
 
-def conv1d_accumulate(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
-    ft = exact_float_dtype(x, w, w.shape[1] * w.shape[2])
-    acc = torch.nn.functional.conv1d(
-        x.to(ft), w.to(ft), None, list(stride), list(padding), list(dilation), groups
-    ).to(torch.int64)
+_CONV_FN = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d}
+
+
+def conv_accumulate(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    """The exact integer accumulator of a 1-D or 2-D convolution (int64), bias added per channel."""
+    ft = exact_float_dtype(x, w, w[0].numel())
+    acc = _CONV_FN[w.dim()](x.to(ft), w.to(ft), None, list(stride), list(padding), list(dilation), groups).to(torch.int64)
     if bias is not None:
-        acc = acc + bias.to(torch.int64).reshape(1, -1, 1)
+        acc = acc + bias.to(torch.int64).reshape(1, -1, *([1] * (acc.dim() - 2)))
     return acc
 
 
-def _conv1d_fake(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> Tensor:
-    return torch.nn.functional.conv1d(
+def _conv_fake(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    return _CONV_FN[w.dim()](
         x.to(torch.float32), w.to(torch.float32), None, list(stride), list(padding), list(dilation), groups
     )
 
@@ -41,12 +43,12 @@ def conv1d_acc(
     acc_bits: int,
 ) -> Tensor:
     """Integer 1-D convolution; returns the exact accumulator (bias at S_x*S_w)."""
-    return conv1d_accumulate(x, w, bias, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+    return conv_accumulate(x, w, bias, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
 
 
 @conv1d_acc.register_fake
 def _(x, w, bias, stride, padding, dilation, groups, acc_bits):
-    return _conv1d_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
 
 
 @qpipe_op("conv1d_rq", kind=OpKind.REQUANTIZE, scale_rule=ScaleRule.OBSERVED, **_CONV_ROLES, **_RQ_ROLES)
@@ -65,10 +67,55 @@ def conv1d_rq(
     bits: int,
 ) -> Tensor:
     """Integer conv1d + per-channel dyadic requant + clamp (ReLU) -> int8."""
-    acc = conv1d_accumulate(x, w, bias, stride, padding, dilation, groups)
+    acc = conv_accumulate(x, w, bias, stride, padding, dilation, groups)
     return requant_reference(acc, m, s, 1, lo, hi).to(dtype_for_bits(bits))
 
 
 @conv1d_rq.register_fake
 def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits):
-    return _conv1d_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(bits))
+    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(bits))
+
+
+@qpipe_op("conv2d_acc", kind=OpKind.ACCUMULATE, scale_rule=ScaleRule.PRODUCT, out_bits="acc_bits", fused="conv2d_rq", **_CONV_ROLES)
+def conv2d_acc(
+    x: Tensor,
+    w: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    acc_bits: int,
+) -> Tensor:
+    """Integer 2-D convolution (NCHW; the Conformer's and Citrinet's subsampling); exact accumulator."""
+    return conv_accumulate(x, w, bias, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+
+
+@conv2d_acc.register_fake
+def _(x, w, bias, stride, padding, dilation, groups, acc_bits):
+    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+
+
+@qpipe_op("conv2d_rq", kind=OpKind.REQUANTIZE, scale_rule=ScaleRule.OBSERVED, **_CONV_ROLES, **_RQ_ROLES)
+def conv2d_rq(
+    x: Tensor,
+    w: Tensor,
+    bias: Optional[Tensor],
+    m: Tensor,
+    s: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    lo: int,
+    hi: int,
+    bits: int,
+) -> Tensor:
+    """Integer conv2d + per-channel dyadic requant + clamp (ReLU) -> int8."""
+    acc = conv_accumulate(x, w, bias, stride, padding, dilation, groups)
+    return requant_reference(acc, m, s, 1, lo, hi).to(dtype_for_bits(bits))
+
+
+@conv2d_rq.register_fake
+def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits):
+    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(bits))

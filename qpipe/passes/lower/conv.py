@@ -15,9 +15,9 @@ from qpipe.passes.lower.table import OpFamily, register_family
 aten = torch.ops.aten
 q = torch.ops.qpipe
 
-CONV_OPS = frozenset({aten.conv1d.default})
 # the integer accumulator of each float convolution
-_ACC_OP = {aten.conv1d.default: q.conv1d_acc.default}
+_ACC_OP = {aten.conv1d.default: q.conv1d_acc.default, aten.conv2d.default: q.conv2d_acc.default}
+CONV_OPS = frozenset(_ACC_OP)
 
 
 def conv_args(node: Node) -> tuple:
