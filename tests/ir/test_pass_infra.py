@@ -124,3 +124,44 @@ def test_load_pass_file_registers_user_pass(tmp_path):
     bad.write_text("this is not python(\n")
     with pytest.raises(QpipeError, match="bad.py: SyntaxError"):
         load_pass_file(str(bad))
+
+
+def test_a_pass_name_is_registered_once():
+    @register("twice-for-test")
+    def first(gm, ctx):
+        """First."""
+        return PassResult(gm, False)
+
+    with pytest.raises(QpipeError, match="pass 'twice-for-test' is already registered"):
+        @register("twice-for-test")
+        def second(gm, ctx):
+            """Would silently replace the first."""
+            return PassResult(gm, False)
+
+    with pytest.raises(QpipeError, match="already the name of a pipeline"):
+        register("default")(first)
+
+
+def test_runner_owns_recompile_and_shapes_and_times_the_verifier(tiny_float_model):
+    """A pass that edits the graph and does no bookkeeping still leaves fresh code and shapes."""
+    import torch
+
+    @register("relu-to-hardtanh-for-test", needs=Stage.FLOAT, leaves=Stage.FLOAT)
+    def swap(gm, ctx):
+        """Turns every ReLU into hardtanh(0, 0.5) without recompiling or re-deriving meta."""
+        n = 0
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is torch.ops.aten.relu.default:
+                node.target = torch.ops.aten.hardtanh.default
+                node.args = (node.args[0], 0.0, 0.5)
+                node.meta.pop("val", None)
+                n += 1
+        return PassResult(gm, n > 0, {"swapped": n})
+
+    run = run_pipeline(tiny_float_model.gm, "relu-to-hardtanh-for-test", progress=False)
+    assert "hardtanh" in run.gm.code  # recompiled by the runner
+    swapped = [n for n in run.gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.hardtanh.default]
+    assert len(swapped) == 2 and all("val" in n.meta for n in swapped)  # meta re-derived (the verifier demands it)
+    record = run.records[0]
+    assert record.verify_seconds > 0 and record.seconds > 0
+    assert float(run.gm(torch.randn(1, 8, 16)).exp().sum(-1).mean()) == pytest.approx(1.0, abs=1e-5)
