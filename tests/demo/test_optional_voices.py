@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from recipes import demo_models as dm  # noqa: E402
-from recipes import kokoro_voice  # noqa: E402
-from recipes import pico_voice  # noqa: E402
+from demo.recipes import demo_models as dm  # noqa: E402
+from demo.recipes import kokoro_voice  # noqa: E402
+from demo.recipes import pico_voice  # noqa: E402
 
 SR = 16000
 
@@ -43,7 +43,7 @@ def _median_f1(x: np.ndarray) -> float:
 @pytest.mark.parametrize("ratio,median", [(1.1, 180.0), (1.2, 210.0), (1.25, 240.0)])
 def test_change_gender_moves_pitch_and_formants_separately(ratio, median):
     pytest.importorskip("parselmouth")
-    from recipes.gender_change import change_gender, median_f0
+    from demo.recipes.gender_change import change_gender, median_f0
     x = _vowel(110.0)
     y = change_gender(x, SR, ratio, median)
     assert y is not None and len(y) == len(x)
@@ -59,7 +59,7 @@ def test_change_gender_moves_pitch_and_formants_separately(ratio, median):
 
 def test_change_gender_leaves_female_range_and_unvoiced_audio_alone():
     pytest.importorskip("parselmouth")
-    from recipes.gender_change import change_gender
+    from demo.recipes.gender_change import change_gender
     assert change_gender(_vowel(220.0), SR, 1.2, 210.0) is None
     assert change_gender(np.zeros(SR, np.float32), SR, 1.2, 210.0) is None
     assert change_gender(_vowel(220.0), SR, 1.2, 210.0, only_below_hz=None) is not None
@@ -185,7 +185,7 @@ def test_pico_speaks_english_with_female_voices_repeatably():
     if not pico_voice.available():
         pytest.skip("needs ttspico")
     pytest.importorskip("parselmouth")
-    from recipes.gender_change import median_f0
+    from demo.recipes.gender_change import median_f0
     text = "it is common sense to take a method and try it"
     for voice in pico_voice.VOICES:
         a = pico_voice.synthesize(text, voice)
@@ -229,7 +229,7 @@ def test_render_speaks_a_pico_job_with_augmentation_repeatably(tmp_path):
 def test_render_converts_a_male_voice_and_names_it(tmp_path):
     pytest.importorskip("parselmouth")
     import soundfile as sf
-    from recipes.gender_change import median_f0
+    from demo.recipes.gender_change import median_f0
     job = dm.Job(0, "espeak", "en-us+m1", "the quick brown fox jumps over the lazy dog",
                  "the quick brown fox jumps over the lazy dog", str(tmp_path / "a.wav"),
                  pitch=20, seed=3)

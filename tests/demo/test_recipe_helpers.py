@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from recipes import demo_models as dm  # noqa: E402
-from recipes import fast_train as ft  # noqa: E402
+from demo.recipes import demo_models as dm  # noqa: E402
+from demo.recipes import fast_train as ft  # noqa: E402
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -109,7 +109,7 @@ def test_model_card_round_trip_keeps_train_facts_and_written_sections(tmp_path):
     corpus = dm.CorpusInfo(tmp_path / "t.json", tmp_path / "d.json", tmp_path / "h.json", stats={})
     results = {"heldout": {"wer": 0.5, "cer": 0.2, "n": 3, "lm_wer": 0.4, "lm_cer": 0.21, "examples": []}}
     card = tmp_path / "demo_quartznet.md"
-    dm.write_model_card(card, "quartznet", nemo, train, corpus, results, "tools/make-demo-models",
+    dm.write_model_card(card, "quartznet", nemo, train, corpus, results, "demo/make-demo-models",
                         lm_info={"path": "demo_lm.arpa.gz", "order": 3, "sentences": 7})
     assert "| 50.0 % | 20.0 % | 40.0 % | 21.0 % |" in card.read_text()
     card.write_text(card.read_text().replace(
@@ -117,7 +117,7 @@ def test_model_card_round_trip_keeps_train_facts_and_written_sections(tmp_path):
         "## Measured, not adopted\n\ntried\n\n## Recipe history\n\nbefore\n\n## Reproduce\n"))
     facts = dm.read_model_card(card)
     assert facts["train"]["history"] == train["history"] and facts["train"]["steps"] == 10
-    dm.write_model_card(card, "quartznet", nemo, facts["train"], corpus, results, "tools/make-demo-models")
+    dm.write_model_card(card, "quartznet", nemo, facts["train"], corpus, results, "demo/make-demo-models")
     text = card.read_text()
     assert text.count("## Reproducibility (checked)\n\nby hand") == 1
     assert text.count("## Measured, not adopted\n\ntried") == 1
@@ -232,7 +232,7 @@ def test_model_card_names_bf16_and_missing_spec_augment(tmp_path):
              "precision": "bf16", "spec_augment": None, "history": []}
     corpus = dm.CorpusInfo(tmp_path / "t.json", tmp_path / "d.json", tmp_path / "h.json", stats={})
     card = tmp_path / "demo_conformer.md"
-    dm.write_model_card(card, "conformer", nemo, train, corpus, {}, "tools/make-demo-models")
+    dm.write_model_card(card, "conformer", nemo, train, corpus, {}, "demo/make-demo-models")
     row = next(line for line in card.read_text().splitlines() if line.startswith("| CPU"))
     assert "1 thread, bf16 autocast" in row and row.endswith("| none |")
 
@@ -252,8 +252,23 @@ def test_model_card_breaks_heldout_wer_down_by_voice_and_names_the_voice_mix(tmp
     corpus = dm.CorpusInfo(tmp_path / "t.json", tmp_path / "d.json", tmp_path / "h.json", stats={})
     results = {"heldout": {"wer": 0.2, "cer": 0.1, "n": 3, "examples": [], "by_voice": by}}
     card = tmp_path / "demo_conformer.md"
-    dm.write_model_card(card, "conformer", nemo, train, corpus, results, "tools/make-demo-models")
+    dm.write_model_card(card, "conformer", nemo, train, corpus, results, "demo/make-demo-models")
     text = card.read_text()
     assert "| flite:slt | 2 | 33.3 % |" in text and "| espeak:en-us+f4 | 1 | 0.0 % |" in text
     assert "each flite utterance 2x, each piper utterance 3x per epoch" in text
     assert "formants x 0.95-1.25) on 50 % of the flite/piper utterances" in text
+
+
+def test_cards_go_to_demo_models_unless_another_out_dir_is_given(tmp_path):
+    """The committed cards live in demo/models, apart from the .nemo fixtures in models/."""
+    import importlib.util
+    from importlib.machinery import SourceFileLoader
+    repo = Path(__file__).resolve().parents[2]
+    loader = SourceFileLoader("make_demo_models", str(repo / "demo" / "make-demo-models"))
+    cli = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(cli)
+    assert cli._card_dir(None, repo / "models") == repo / "demo" / "models"
+    assert cli._card_dir(None, tmp_path) == tmp_path
+    assert cli._card_dir(str(tmp_path / "c"), repo / "models") == tmp_path / "c"
+    assert (repo / "demo" / "models" / "demo_quartznet.md").is_file()
+    assert (repo / "demo" / "models" / "demo_conformer.md").is_file()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from recipes import demo_models as dm
+from demo.recipes import demo_models as dm
 
 # Steps per model: under an hour each when both train side by side on the 2-core
 # development machine (one thread each); measured times are in the model cards.  A
@@ -38,7 +38,7 @@ HYPER = {"quartznet": {"lr": 3e-3, "warmup_steps": 200, "batch_size": 32, "preci
          "conformer": {"lr": 4e-3, "warmup_steps": 200, "batch_size": 16, "precision": "bf16",
                        "threads": 1}}
 # The teacher when a run does not train the Conformer and OUT_DIR holds none.
-COMMITTED_TEACHER = Path(__file__).resolve().parents[1] / "models" / "demo_conformer.nemo"
+COMMITTED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "demo_conformer.nemo"
 
 
 def cache_features(manifest: Path, cache: Path, preprocessor_cfg: dict | None = None,
@@ -233,14 +233,14 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
     optimizer and the CTC loss stay fp32): on a CPU with AVX512-BF16 a Conformer step
     takes about two thirds of the fp32 time, so the same hour buys more steps.
 
-    ``distill`` (``recipes.distill``): ``{"log_probs": [...], "weight": w, "temperature":
+    ``distill`` (``demo.recipes.distill``): ``{"log_probs": [...], "weight": w, "temperature":
     t, "teacher": name}`` trains on ``(1 - w) * CTC + w * KL(teacher || student)``, the
     teacher's frame posteriors given per training utterance.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     if distill is not None:
-        from recipes.distill import distillation_loss
+        from demo.recipes.distill import distillation_loss
         if not 0.0 < distill["weight"] <= 1.0:
             raise ValueError(f"distillation weight must be in (0, 1], got {distill['weight']}")
         if len(distill["log_probs"]) != len(train_data["features"]):
@@ -352,7 +352,7 @@ def train_cached(arch: str, train_data: dict, dev_data: dict | None, out_path: P
             "nemo_bytes": out_path.stat().st_size}
 
 
-if __name__ == "__main__":  # quick timing probe: python -m recipes.fast_train ARCH
+if __name__ == "__main__":  # quick timing probe: python -m demo.recipes.fast_train ARCH
     import sys
     arch = sys.argv[1]
     threads = int(sys.argv[2]) if len(sys.argv) > 2 else 1
@@ -377,12 +377,12 @@ if __name__ == "__main__":  # quick timing probe: python -m recipes.fast_train A
 def _train_child(job: dict) -> dict:
     """One model in its own process (spawned: NeMo and torch threads start clean)."""
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     train_data = load_caches(job["train_cache"])
     dev_data = torch.load(job["dev_cache"], weights_only=False)
     distill = None
     if job.get("distill"):
-        from recipes.distill import teacher_log_probs
+        from demo.recipes.distill import teacher_log_probs
         d = job["distill"]
         log_probs, seconds = teacher_log_probs(Path(d["teacher"]), train_data,
                                                threads=job["threads"])
@@ -460,7 +460,7 @@ def train_models(archs: list[str], corpus: "dm.CorpusInfo", work_dir: Path, out_
     alone 3.6 (measured 2026-11-26): the small convolutions scale poorly across threads.
 
     ``distill`` (``{"weight": w, "temperature": t, "teacher": path or None}``) trains the
-    QuartzNet on the teacher's frame posteriors too (``recipes.distill``; default teacher:
+    QuartzNet on the teacher's frame posteriors too (``demo.recipes.distill``; default teacher:
     :func:`distillation_teacher`); a Conformer trained in the same call as its student
     trains first, the QuartzNet after it.
     """

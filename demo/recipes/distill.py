@@ -28,7 +28,7 @@ def teacher_log_probs(teacher: Path, data: dict, threads: int = 1,
     from nemo.collections.asr.models import EncDecCTCModel
     from tqdm import tqdm
 
-    from recipes.fast_train import _pad
+    from demo.recipes.fast_train import _pad
     torch.set_num_threads(threads)
     model = EncDecCTCModel.restore_from(str(teacher), map_location="cpu")
     model.eval()

@@ -1,4 +1,4 @@
-"""Frame-level distillation of the demo QuartzNet from the demo Conformer (recipes/distill.py)."""
+"""Frame-level distillation of the demo QuartzNet from the demo Conformer (demo/recipes/distill.py)."""
 import math
 import subprocess
 import sys
@@ -10,8 +10,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from recipes import distill  # noqa: E402
-from recipes import fast_train as ft  # noqa: E402
+from demo.recipes import distill  # noqa: E402
+from demo.recipes import fast_train as ft  # noqa: E402
 
 
 def _log_probs(*shape, seed=0):
@@ -159,7 +159,7 @@ def test_without_a_named_teacher_the_quartznet_learns_from_the_nearest_conformer
 ])
 def test_recipe_rejects_distillation_it_cannot_run(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "make-demo-models"),
+    r = subprocess.run([sys.executable, str(REPO / "demo" / "make-demo-models"),
                         "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"), *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr
@@ -167,7 +167,7 @@ def test_recipe_rejects_distillation_it_cannot_run(tmp_path, args, message):
 
 
 def test_model_card_names_the_teacher_and_the_loss():
-    from recipes import demo_models as dm
+    from demo.recipes import demo_models as dm
     text = dm._sampling_text({"distill": {"teacher": "demo_conformer.nemo", "weight": 0.9,
                                           "temperature": 2.0, "teacher_seconds": 150.0}})
     assert "distillation from `demo_conformer.nemo`" in text

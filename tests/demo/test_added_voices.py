@@ -11,9 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from recipes import demo_models as dm  # noqa: E402
-from recipes import fast_train as ft  # noqa: E402
-from recipes import kokoro_voice, pico_voice  # noqa: E402
+from demo.recipes import demo_models as dm  # noqa: E402
+from demo.recipes import fast_train as ft  # noqa: E402
+from demo.recipes import kokoro_voice, pico_voice  # noqa: E402
 
 PAIRS = [(f"Sentence number {i}.", f"sentence number {i}") for i in range(500)]
 
@@ -50,7 +50,7 @@ def test_added_voices_reject_bad_shares():
 
 
 def test_recipe_refuses_a_bad_added_share_before_any_work(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "make-demo-models"),
+    r = subprocess.run([sys.executable, str(REPO / "demo" / "make-demo-models"),
                         "--add-pico", "-1", "--work-dir", str(tmp_path / "w")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "added pico" in r.stderr and "Traceback" not in r.stderr
