@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from qpipe.asr.metrics import NORMALIZATION, corpus_counts, error_counts, normalize_text
+
 SAMPLE_RATE = 16000
 LABELS = [" "] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["'"]
 
@@ -78,12 +80,17 @@ ABBREV = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "etc", "vs", "eg", "ie", "p
 
 # Text -----------------------------------------------------------------------------
 
-def normalize_text(text: str) -> str:
-    """Lowercase; keep letters, apostrophes (inside words) and single spaces."""
-    t = text.lower().replace("\u2019", "'").replace("`", "'")
+def label_text(text: str) -> str:
+    """A training transcript: qpipe's one text normalization
+    (:func:`qpipe.asr.metrics.normalize_text`), then cut to the models' label alphabet
+    (``LABELS``): letters a-z, apostrophes inside words, single spaces.
+
+    On the sentences :func:`extract_sentences` keeps (ASCII letters, space and
+    ``,.;:!?'"-``) this gives the transcripts the committed corpus was built with."""
+    t = normalize_text(text)
     t = re.sub(r"[^a-z' ]+", " ", t)
     t = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", t)
-    return re.sub(r"\s+", " ", t).strip()
+    return " ".join(t.split())
 
 
 def _iter_fortunes() -> Iterable[str]:
@@ -123,7 +130,7 @@ def extract_sentences(min_words: int = 3, max_words: int = 15) -> list[tuple[str
                 continue  # initials, e.g.
             if not sent[-1] in ".!?":
                 continue  # fragments of verse / truncated lines
-            norm = normalize_text(sent)
+            norm = label_text(sent)
             nw = len(norm.split())
             if not (min_words <= nw <= max_words) or len(norm) < 10:
                 continue
@@ -606,19 +613,6 @@ def write_manifest(entries: list[dict], path: Path, relative_to: Path | None = N
             f.write(json.dumps(e) + "\n")
 
 
-def read_manifest(path: Path) -> list[dict]:
-    out = []
-    base = Path(path).resolve().parent
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                e = json.loads(line)
-                if not os.path.isabs(e["audio_filepath"]):
-                    e["audio_filepath"] = str(base / e["audio_filepath"])
-                out.append(e)
-    return out
-
-
 @dataclass
 class CorpusInfo:
     train_manifest: Path
@@ -939,7 +933,8 @@ def count_params(model) -> int:
 
 def transcribe_manifest(model, manifest: Path, batch_size: int = 16) -> tuple[list[dict], list[str]]:
     """The manifest's entries and the model's greedy hypothesis for each."""
-    entries = read_manifest(manifest)
+    from qpipe.frontends.audio import read_manifest
+    entries = read_manifest(str(manifest))
     paths = [e["audio_filepath"] for e in entries]
     hyps = model.transcribe(paths, batch_size=batch_size, verbose=False)
     if isinstance(hyps, tuple):
@@ -948,21 +943,15 @@ def transcribe_manifest(model, manifest: Path, batch_size: int = 16) -> tuple[li
     return entries, hyps
 
 
-def eval_norm(t: str) -> str:
-    """Lowercase, strip punctuation except apostrophes, collapse whitespace."""
-    t = t.lower().replace("\u2019", "'")
-    t = re.sub(r"[^a-z0-9' ]+", " ", t)
-    return re.sub(r"\s+", " ", t).strip()
-
-
 def wer_cer(refs: list[str], hyps: list[str]) -> dict:
-    import jiwer
-    r = [eval_norm(x) for x in refs]
-    h = [eval_norm(x) for x in hyps]
-    keep = [i for i, x in enumerate(r) if x]
-    r = [r[i] for i in keep]
-    h = [h[i] if h[i] else "<empty>" for i in keep]
-    return {"wer": float(jiwer.wer(r, h)), "cer": float(jiwer.cer(r, h)), "n": len(r)}
+    """Corpus-level WER/CER (fractions) by qpipe's metrics, the ones ``qpipe eval``
+    reports (:mod:`qpipe.asr.metrics`: its one normalization, total edits over total
+    reference words or characters); utterances whose reference normalizes to nothing
+    are left out, ``n`` counts the rest."""
+    counts = [error_counts(r, h) for r, h in zip(refs, hyps, strict=True)
+              if normalize_text(r)]
+    total = corpus_counts(counts)
+    return {"wer": total.wer, "cer": total.cer, "n": len(counts)}
 
 
 def wer_by_voice(refs: list[str], hyps: list[str], voices: list[str]) -> dict:
@@ -1151,8 +1140,8 @@ Dev WER during training (greedy, on cached dev features):
 
 ## Float accuracy
 
-WER/CER with jiwer after lowercasing and stripping punctuation except apostrophes;
-CPU inference of the restored `.nemo`. Greedy: greedy CTC decoding (NeMo's `transcribe`),
+WER/CER by `qpipe.asr.metrics` (corpus-level; {NORMALIZATION}), as `qpipe eval`
+counts them; CPU inference of the restored `.nemo`. Greedy: greedy CTC decoding (NeMo's `transcribe`),
 no language model. With LM: qpipe's CTC prefix beam search (`qpipe.asr.decode`, beam 32)
 with the demo word LM `{(lm_info or {}).get('path', 'demo_lm.arpa.gz')}` ({(lm_info or {}).get('order', LM_ORDER)}-gram Kneser-Ney over
 the {(lm_info or {}).get('sentences', 'training')} training sentences only; alpha 0.8, beta 1.5 chosen on the dev set), as

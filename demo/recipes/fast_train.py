@@ -51,10 +51,10 @@ def cache_features(manifest: Path, cache: Path, preprocessor_cfg: dict | None = 
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    from qpipe.frontends.audio import load_audio
+    from qpipe.frontends.audio import load_audio, read_manifest
     pre = instantiate(OmegaConf.create(preprocessor_cfg or dm._preprocessor_cfg()))
     pre.eval()
-    entries = dm.read_manifest(Path(manifest))
+    entries = read_manifest(str(manifest))
     order = sorted(range(len(entries)), key=lambda i: entries[i]["duration"])
     label_id = {c: i for i, c in enumerate(dm.LABELS)}
     feats: list[torch.Tensor | None] = [None] * len(entries)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO))
 from demo.recipes import demo_models as dm  # noqa: E402
 from demo.recipes import fast_train as ft  # noqa: E402
 from demo.recipes import kokoro_voice, pico_voice  # noqa: E402
+from qpipe.frontends.audio import read_manifest  # noqa: E402
 
 PAIRS = [(f"Sentence number {i}.", f"sentence number {i}") for i in range(500)]
 
@@ -74,7 +75,7 @@ def test_added_utterances_render_once_and_again_only_when_their_options_change(
     added = dm.AddedVoices(kokoro=0.01, pico=0.02)
     manifest, stats = dm.build_added(tmp_path, params, PAIRS, added)
     assert rendered == [30]
-    entries = dm.read_manifest(manifest)
+    entries = read_manifest(str(manifest))
     # the first utterance of each engine is over max_duration (8 s) and left out
     assert len(entries) == 28 and stats["utterances"] == 28
     assert stats["by_engine"] == {"kokoro": 9, "pico": 19}

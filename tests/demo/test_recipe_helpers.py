@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -17,9 +19,37 @@ from demo.recipes import fast_train as ft  # noqa: E402
     ("  'Quoted'  words -- here.", "quoted words here"),
     ("It\u2019s 42 o'clock", "it's o'clock"),
 ])
-def test_normalize_text_keeps_letters_and_inner_apostrophes(raw, norm):
-    assert dm.normalize_text(raw) == norm
-    assert set(dm.normalize_text(raw)) <= set(dm.LABELS)
+def test_label_text_keeps_letters_and_inner_apostrophes(raw, norm):
+    assert dm.label_text(raw) == norm
+    assert set(dm.label_text(raw)) <= set(dm.LABELS)
+
+
+def _legacy_label_text(text: str) -> str:
+    """The recipe's own normalizer until issue 20; the committed corpus was built with it."""
+    import re
+    t = text.lower().replace("\u2019", "'").replace("`", "'")
+    t = re.sub(r"[^a-z' ]+", " ", t)
+    t = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", t)
+    return re.sub(r"\s+", " ", t).strip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abcXYZ ,.;:!?'\"-", max_size=40))
+def test_label_text_gives_the_committed_corpus_transcripts(sentence):
+    """On what extract_sentences keeps (ASCII letters, space, ,.;:!?'"-), qpipe's
+    normalization cut to the label alphabet is the recipe's old normalizer."""
+    assert dm.label_text(sentence) == _legacy_label_text(sentence)
+
+
+def test_wer_cer_is_qpipes_corpus_level_count():
+    from qpipe.asr.metrics import corpus_counts, error_counts
+    refs = ["The cat sat.", "", "twenty-one dogs", "a b c d e f g h"]
+    hyps = ["the cat sat", "noise", "twenty one dogs", ""]
+    r = dm.wer_cer(refs, hyps)
+    assert r["n"] == 3  # the empty reference is left out
+    total = corpus_counts(error_counts(a, b) for a, b in zip(refs, hyps) if a)
+    assert r["wer"] == total.wer == pytest.approx(8 / 14)
+    assert r["cer"] == total.cer
 
 
 def test_batches_cover_every_utterance_once():
