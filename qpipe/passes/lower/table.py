@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
 from qpipe.ir.printer import target_name
-
-if TYPE_CHECKING:  # the context imports the table's helpers; only the type flows back
-    from qpipe.passes.lower.context import Lowering
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ class OpFamily:
 
     name: str
     aten_ops: frozenset
-    lower: Callable[[Node, "Lowering"], None]
+    lower: Callable[[Node, Any], None]  # (float node, the run's qpipe.passes.lower.context.Lowering)
     observed: bool = False
     weight: Optional[str] = None
     activation: bool = False
