@@ -21,6 +21,15 @@ from pathlib import Path
 import torch
 
 
+def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad (F, T_i) feature matrices into one (B, F, max T) batch, with the lengths."""
+    lens = torch.tensor([f.shape[1] for f in feats])
+    x = torch.zeros(len(feats), feats[0].shape[0], int(lens.max()))
+    for j, f in enumerate(feats):
+        x[j, :, :f.shape[1]] = f.float()
+    return x, lens
+
+
 def teacher_log_probs(teacher: Path, data: dict, threads: int = 1,
                       batch_size: int = 32) -> tuple[list[torch.Tensor], float]:
     """The teacher's CTC log-probabilities for every cached utterance, [frames, classes]
@@ -28,7 +37,6 @@ def teacher_log_probs(teacher: Path, data: dict, threads: int = 1,
     from nemo.collections.asr.models import EncDecCTCModel
     from tqdm import tqdm
 
-    from demo.recipes.fast_train import _pad
     torch.set_num_threads(threads)
     model = EncDecCTCModel.restore_from(str(teacher), map_location="cpu")
     model.eval()
@@ -40,7 +48,7 @@ def teacher_log_probs(teacher: Path, data: dict, threads: int = 1,
         for s in tqdm(range(0, len(order), batch_size), desc=f"teacher {Path(teacher).name}",
                       unit="batch", mininterval=5):
             idx = order[s:s + batch_size]
-            x, xl = _pad([feats[i] for i in idx])
+            x, xl = pad_features([feats[i] for i in idx])
             lp, lens, _ = model.forward(processed_signal=x, processed_signal_length=xl)
             for j, i in enumerate(idx):
                 out[i] = lp[j, :int(lens[j])].to(torch.float16).clone()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from demo.recipes import demo_models as dm
+from demo.recipes.distill import pad_features as _pad
 
 # Steps per model: under an hour each when both train side by side on the 2-core
 # development machine (one thread each); measured times are in the model cards.  A
@@ -97,14 +98,6 @@ def load_caches(paths: str | Path | list) -> dict:
     keys = ("features", "tokens", "text", "voice")
     return {**{k: [x for part in parts for x in part[k]] for k in keys},
             "manifest": [part["manifest"] for part in parts]}
-
-
-def _pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    lens = torch.tensor([f.shape[1] for f in feats])
-    x = torch.zeros(len(feats), feats[0].shape[0], int(lens.max()))
-    for j, f in enumerate(feats):
-        x[j, :, :f.shape[1]] = f.float()
-    return x, lens
 
 
 def make_batches(lengths: list[int], batch_size: int, rng: random.Random,
