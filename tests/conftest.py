@@ -14,6 +14,17 @@ if ROOT not in sys.path:
 import qpipe.passes  # noqa: E402,F401  (registers built-in passes)
 
 
+def randomize_batchnorm(*bns: torch.nn.Module, seed: int = 0) -> None:
+    """Non-default BN statistics and affine parameters (the defaults make BN matching trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    for bn in bns:
+        c = bn.num_features
+        bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+
+
 class TinyASR(torch.nn.Module):
     """QuartzNet's building blocks at toy size: separable conv+BN+ReLU, a residual block, a CTC head."""
 
@@ -28,13 +39,7 @@ class TinyASR(torch.nn.Module):
         self.bn_res = torch.nn.BatchNorm1d(channels)
         self.head = torch.nn.Conv1d(channels, classes, 1, bias=True)
         self.dropout = torch.nn.Dropout(0.1)
-        gen = torch.Generator().manual_seed(0)
-        for bn in (self.bn1, self.bn2, self.bn_res):
-            c = bn.num_features
-            bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-            bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            bn.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            bn.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+        randomize_batchnorm(self.bn1, self.bn2, self.bn_res)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(torch.relu(self.bn1(self.pw(self.dw(x)))))

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch.testing import FileCheck
 
-from conftest import FAST_CALIBRATION, FAST_PIPELINE
+from conftest import FAST_CALIBRATION, FAST_PIPELINE, randomize_batchnorm
 from qpipe.api import compare_outputs
 from qpipe.frontends.torch import from_module
 from qpipe.ir import print_ir
@@ -25,13 +25,7 @@ class Subsampling(torch.nn.Module):
         self.conv2 = torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=2, bias=False)
         self.bn2 = torch.nn.BatchNorm2d(channels)
         self.head = torch.nn.Linear(channels * features // 4, classes)
-        gen = torch.Generator().manual_seed(0)
-        for bn in (self.bn1, self.bn2):
-            c = bn.num_features
-            bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-            bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            bn.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            bn.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+        randomize_batchnorm(self.bn1, self.bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.transpose(1, 2).unsqueeze(1)

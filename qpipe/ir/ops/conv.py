@@ -12,7 +12,6 @@ from qpipe.ir.ops.kernels import dtype_for_bits, exact_float_dtype, requant_refe
 _CONV_ROLES = dict(inputs=("x",), weight="w", bias="bias", channel_dim=1)
 _RQ_ROLES = dict(multipliers=("m",), shift="s", clamp=("lo", "hi"), out_bits="bits")
 
-
 _CONV_FN = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d}
 
 
@@ -31,91 +30,56 @@ def _conv_fake(x: Tensor, w: Tensor, stride, padding, dilation, groups: int) -> 
     )
 
 
-@qpipe_op("conv1d_acc", kind=OpKind.ACCUMULATE, scale_rule=ScaleRule.PRODUCT, out_bits="acc_bits", fused="conv1d_rq", **_CONV_ROLES)
-def conv1d_acc(
-    x: Tensor,
-    w: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    acc_bits: int,
-) -> Tensor:
-    """Integer 1-D convolution; returns the exact accumulator (bias at S_x*S_w)."""
-    return conv_accumulate(x, w, bias, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+def _define_conv(dims: int) -> tuple:
+    """``conv{dims}d_acc`` and ``conv{dims}d_rq``: the same integer steps for 1-D and 2-D (NCHW) convolutions."""
+    name = f"conv{dims}d"
+
+    def acc(
+        x: Tensor,
+        w: Tensor,
+        bias: Optional[Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        acc_bits: int,
+    ) -> Tensor:
+        return conv_accumulate(x, w, bias, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+
+    acc.__doc__ = f"Integer {dims}-D convolution; returns the exact accumulator (bias at S_x*S_w)."
+    acc_op = qpipe_op(f"{name}_acc", kind=OpKind.ACCUMULATE, scale_rule=ScaleRule.PRODUCT, out_bits="acc_bits",
+                      fused=f"{name}_rq", **_CONV_ROLES)(acc)
+
+    @acc_op.register_fake
+    def _(x, w, bias, stride, padding, dilation, groups, acc_bits):
+        return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
+
+    def rq(
+        x: Tensor,
+        w: Tensor,
+        bias: Optional[Tensor],
+        m: Tensor,
+        s: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        lo: int,
+        hi: int,
+        bits: int,
+    ) -> Tensor:
+        total = conv_accumulate(x, w, bias, stride, padding, dilation, groups)
+        return requant_reference(total, m, s, 1, lo, hi).to(dtype_for_bits(bits))
+
+    rq.__doc__ = f"Integer conv{dims}d + per-channel dyadic requant + clamp (ReLU) -> int8."
+    rq_op = qpipe_op(f"{name}_rq", kind=OpKind.REQUANTIZE, scale_rule=ScaleRule.OBSERVED, **_CONV_ROLES, **_RQ_ROLES)(rq)
+
+    @rq_op.register_fake
+    def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits):
+        return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(bits))
+
+    return acc_op, rq_op
 
 
-@conv1d_acc.register_fake
-def _(x, w, bias, stride, padding, dilation, groups, acc_bits):
-    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
-
-
-@qpipe_op("conv1d_rq", kind=OpKind.REQUANTIZE, scale_rule=ScaleRule.OBSERVED, **_CONV_ROLES, **_RQ_ROLES)
-def conv1d_rq(
-    x: Tensor,
-    w: Tensor,
-    bias: Optional[Tensor],
-    m: Tensor,
-    s: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    lo: int,
-    hi: int,
-    bits: int,
-) -> Tensor:
-    """Integer conv1d + per-channel dyadic requant + clamp (ReLU) -> int8."""
-    acc = conv_accumulate(x, w, bias, stride, padding, dilation, groups)
-    return requant_reference(acc, m, s, 1, lo, hi).to(dtype_for_bits(bits))
-
-
-@conv1d_rq.register_fake
-def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits):
-    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(bits))
-
-
-@qpipe_op("conv2d_acc", kind=OpKind.ACCUMULATE, scale_rule=ScaleRule.PRODUCT, out_bits="acc_bits", fused="conv2d_rq", **_CONV_ROLES)
-def conv2d_acc(
-    x: Tensor,
-    w: Tensor,
-    bias: Optional[Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    acc_bits: int,
-) -> Tensor:
-    """Integer 2-D convolution (NCHW; the Conformer's and Citrinet's subsampling); exact accumulator."""
-    return conv_accumulate(x, w, bias, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
-
-
-@conv2d_acc.register_fake
-def _(x, w, bias, stride, padding, dilation, groups, acc_bits):
-    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(acc_bits))
-
-
-@qpipe_op("conv2d_rq", kind=OpKind.REQUANTIZE, scale_rule=ScaleRule.OBSERVED, **_CONV_ROLES, **_RQ_ROLES)
-def conv2d_rq(
-    x: Tensor,
-    w: Tensor,
-    bias: Optional[Tensor],
-    m: Tensor,
-    s: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    lo: int,
-    hi: int,
-    bits: int,
-) -> Tensor:
-    """Integer conv2d + per-channel dyadic requant + clamp (ReLU) -> int8."""
-    acc = conv_accumulate(x, w, bias, stride, padding, dilation, groups)
-    return requant_reference(acc, m, s, 1, lo, hi).to(dtype_for_bits(bits))
-
-
-@conv2d_rq.register_fake
-def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits):
-    return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_bits(bits))
+conv1d_acc, conv1d_rq = _define_conv(1)
+conv2d_acc, conv2d_rq = _define_conv(2)  # NCHW: the Conformer's and Citrinet's striding subsampling
