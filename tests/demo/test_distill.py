@@ -89,6 +89,8 @@ def _tiny_corpus(n=4):
             "text": ["x"] * n}
 
 
+@pytest.mark.slow
+@pytest.mark.nemo
 def test_quartznet_trains_on_a_conformer_teachers_posteriors(tmp_path):
     pytest.importorskip("nemo")
     from nemo.collections.asr.models import EncDecCTCModel
@@ -119,6 +121,8 @@ def test_quartznet_trains_on_a_conformer_teachers_posteriors(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.slow
+@pytest.mark.nemo
 def test_the_teacher_trains_first_when_the_same_run_trains_it(tmp_path):
     todo = [{"arch": "quartznet", "threads": 1}, {"arch": "conformer", "threads": 1}]
     kd = {"weight": 0.9, "temperature": 2.0, "teacher": None}
@@ -178,6 +182,8 @@ def test_model_card_names_the_teacher_and_the_loss():
     assert dm._sampling_text({"distill": None}) == ""
 
 
+@pytest.mark.slow
+@pytest.mark.nemo
 def test_training_process_computes_the_teachers_posteriors_itself(tmp_path):
     """The path the recipe takes: a job naming a teacher .nemo, run by _train_child."""
     pytest.importorskip("nemo")

@@ -184,6 +184,8 @@ def _dropouts(cfg) -> list[float]:
     return [enc.dropout, enc.dropout_pre_encoder, enc.dropout_emb, enc.dropout_att]
 
 
+@pytest.mark.slow
+@pytest.mark.nemo
 @pytest.mark.parametrize("arch", ["conformer", "quartznet"])
 def test_bf16_training_is_bit_reproducible_and_recorded(tmp_path, arch):
     """Both demo recipes (bf16 autocast, no SpecAugment, no dropout) train
@@ -213,6 +215,8 @@ def test_bf16_training_is_bit_reproducible_and_recorded(tmp_path, arch):
                         precision="fp16")
 
 
+@pytest.mark.slow
+@pytest.mark.nemo
 def test_two_thread_conformer_training_is_bit_reproducible(tmp_path):
     """The demo Conformer trains on two threads: a re-run with two threads must give the
     same weights (the card's reproduction claim rests on it)."""
