@@ -1,7 +1,7 @@
-"""The Python API: load a model, run a pipeline, save, transcribe.
+"""The Python API: load a model, run a pipeline, write an output folder, transcribe.
 
     import qpipe.api as qp
-    result = qp.quantize("model.nemo", passes="default", output="out/")
+    result = qp.quantize("model.nemo", passes="default", output="out/", target="reference")
     print(qp.transcribe("out/", ["a.wav"]))
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.fx import GraphModule
 
+from qpipe.backends import QuantizedModel, SaveRecord, check_available, get_target, open_folder, write_folder
+from qpipe.backends.folder import check_writable
 from qpipe.frontends.model import FloatModel
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.passes import Instrumentation, PipelineRun, load_pass_file, parse_pipeline, run_pipeline, check_stages
@@ -95,6 +97,7 @@ def quantize(
     passes: str = "default",
     output: Optional[str] = None,
     *,
+    target: str = "reference",
     example_inputs: Optional[Sequence[torch.Tensor]] = None,
     load: Sequence[str] = (),
     instrument: Optional[Instrumentation] = None,
@@ -102,15 +105,17 @@ def quantize(
     force: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> QuantizeResult:
-    """Run ``passes`` on ``model``; with ``output``, write the artifact atomically."""
+    """Run ``passes`` on ``model``; with ``output``, write a ``target`` folder atomically."""
     _builtin_passes()
     for path in load:
         load_pass_file(path)
     pipeline = parse_pipeline(passes)  # fail on a bad pipeline before loading anything slow
+    backend = get_target(target)  # ... and on an unknown or unavailable target
+    check_available(backend)
     if not isinstance(model, FloatModel):
         check_stages(pipeline, Stage.FLOAT)
-    if output and os.path.exists(output) and not force and not (os.path.isdir(output) and not os.listdir(output)):
-        raise QpipeError(f"output {output} already exists (use --force to replace it)")
+    if output:
+        check_writable(output, force)
     started = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):
         log(f"loading and exporting {model} ...")
@@ -133,10 +138,7 @@ def quantize(
     if output:
         if str(graph_stage(gm)) != "integer":
             raise QpipeError(f"-o needs an integer graph, but the pipeline ends at the {graph_stage(gm)} stage")
-        from qpipe.artifact import SaveRecord, save
-
-        log(f"writing {output} ...")
-
+        log(f"writing {output} (target {backend.name}) ...")
         record = SaveRecord(
             pipeline=run.pipeline.full_string(),
             passes=[
@@ -153,7 +155,7 @@ def quantize(
             featurizer_state=fm.featurizer_state,
             extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load]},
         )
-        result.output = save(output, gm, record, fm.example_inputs[0], report, force=force)
+        result.output = write_folder(output, gm, record, fm.example_inputs[0], report, target=backend, force=force)
     return result
 
 
@@ -178,22 +180,21 @@ def format_report(fm: FloatModel, run: PipelineRun, metrics: dict[str, Any]) -> 
     return "\n".join(lines) + "\n"
 
 
-def transcribe(model: Union[str, "QuantizedModel"], audio_paths: Sequence[str],  # noqa: F821
+def transcribe(model: Union[str, QuantizedModel], audio_paths: Sequence[str],
                lm: Optional[str] = None, alpha: float = 0.8, beta: float = 1.5,
                beam: Optional[int] = None) -> list[str]:
-    """Float mel features -> integer graph -> CTC decoding of the integer logits.
+    """Float mel features -> integer logits (any target's output folder) -> CTC decoding.
 
     Greedy by default; with ``lm`` (an ARPA file) or ``beam``, prefix beam search on the
     logits times their output scale (qpipe.asr.decode.BeamSearchDecoder).
     """
-    from qpipe.artifact import QuantizedModel, load
     from qpipe.asr.decode import Decoding
 
     decoding = Decoding(beam_width=beam, lm_path=lm, alpha=alpha, beta=beta)
     decoding.load()
-    qm = model if isinstance(model, QuantizedModel) else load(str(model))
+    qm = model if isinstance(model, QuantizedModel) else open_folder(str(model))
     featurizer = qm.featurizer()
-    decode = decoding.decoder_for(qm.meta.get("vocabulary") or [], qm.output_scale)
+    decode = decoding.decoder_for(qm.vocabulary, qm.output_scale)
     texts = []
     for path in audio_paths:
         texts.append(decode(qm.logits_int(featurizer.file(path))))

@@ -1,4 +1,4 @@
-"""Command line: ``qpipe [run] MODEL --passes P -o OUT``, ``transcribe``, ``inspect``, ``diff``, ``eval``, ``lm``.
+"""Command line: ``qpipe [run] MODEL --passes P -o OUT [--target T]``, ``transcribe``, ``inspect``, ``diff``, ``eval``, ``lm``.
 
 Argument handling only; the work is in ``qpipe.api``, ``qpipe.inspect`` and
 ``qpipe.asr.evaluate``. A QpipeError becomes one ``qpipe: error: ...`` line and exit 2.
@@ -20,14 +20,19 @@ def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qpipe",
         description="Quantize a speech recognition model to integer-only INT8 with no real data.",
-        epilog="other commands: qpipe transcribe|inspect|diff|eval --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="targets: --target NAME picks what -o writes (default: reference); --list-targets lists them\n"
+        "other commands: qpipe transcribe|inspect|diff|eval|lm --help",
     )
     p.add_argument("model", nargs="?", help="a .nemo CTC model")
     p.add_argument("--passes", default="default", help="pipeline string, e.g. 'default' or 'fold-bn,insert-observers{act=minmax},...'")
     p.add_argument("-o", "--output", help="write the integer model to this folder")
+    p.add_argument("--target", default="reference", metavar="NAME",
+                   help="what -o writes: a target from --list-targets (default: reference, the exact torch.export program)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--load", action="append", default=[], metavar="FILE", help="load passes from a Python file (repeatable)")
     p.add_argument("--list-passes", action="store_true", help="list registered passes and named pipelines")
+    p.add_argument("--list-targets", action="store_true", help="list the targets -o can write, and why one is unavailable here")
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
     p.add_argument("--print-after-change", action="store_true", help="print the IR after passes that changed it")
     p.add_argument("--print-diff", action="store_true", help="print a unified diff of the IR after every pass")
@@ -38,8 +43,24 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def list_targets_text() -> str:
+    """One line per target: name, summary, and (when it cannot run here) why."""
+    from qpipe.backends import list_targets
+
+    lines = []
+    for t in list_targets():
+        ok, why = t.available()
+        lines.append(f"{t.name:<14} {t.summary}")
+        if not ok:
+            lines.append(" " * 15 + f"unavailable here: {why}")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_run(argv: Sequence[str]) -> int:
     args = _run_parser().parse_args(argv)
+    if args.list_targets:
+        sys.stdout.write(list_targets_text())
+        return 0
     from qpipe.api import _builtin_passes
     from qpipe.ir.passes import Instrumentation, list_passes, load_pass_file, named_pipelines
 
@@ -73,6 +94,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         args.model,
         passes=args.passes,
         output=args.output,
+        target=args.target,
         load=args.load,
         instrument=instrument,
         progress=not args.quiet,
@@ -87,7 +109,7 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 def cmd_transcribe(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph; greedy CTC, or beam search with a word LM).")
-    p.add_argument("model", help="an output folder written by qpipe -o")
+    p.add_argument("model", help="an output folder written by qpipe -o (any target)")
     p.add_argument("audio", nargs="+", help="audio files (wav/flac; resampled to the model's rate)")
     from qpipe.asr.evaluate import add_decoding_arguments
 
@@ -103,13 +125,13 @@ def cmd_transcribe(argv: Sequence[str]) -> int:
 
 def cmd_inspect(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="qpipe inspect", description="Per-layer table: op, shapes, bits, scales, saturation.")
-    p.add_argument("target", help="an output folder, a .nemo model, or an IR dump (.txt)")
+    p.add_argument("path", metavar="PATH", help="an output folder (any target), a .nemo model, or an IR dump (.txt)")
     p.add_argument("--passes", help="for a model: run this pipeline first (e.g. default)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     args = p.parse_args(argv)
     from qpipe.inspect import facts_from_path, inspect_json, render_inspect, write_json
 
-    facts = facts_from_path(args.target, args.passes, progress=True)
+    facts = facts_from_path(args.path, args.passes, progress=True)
     render_inspect(facts)
     if args.json:
         write_json(args.json, inspect_json(facts))

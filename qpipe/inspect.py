@@ -55,19 +55,19 @@ def parse_ir(text: str) -> list[dict[str, Any]]:
 
 def facts_from_path(path: str, passes: Optional[str] = None, progress: bool = False) -> GraphFacts:
     """An output folder, a printed-IR .txt, or a model (run through ``passes``)."""
-    from qpipe.artifact import is_artifact, load
+    from qpipe.backends.folder import is_output_folder, read_meta
 
-    if is_artifact(path):
-        qm = load(path)
+    if is_output_folder(path):  # any target: the facts are in qpipe.json and ir.txt
+        meta = read_meta(path)
         ir_path = os.path.join(path, "ir.txt")
         ir_text = open(ir_path, encoding="utf-8").read() if os.path.isfile(ir_path) else ""
-        return GraphFacts(path, qm.meta.get("nodes", []), ir_text, qm.meta.get("metrics", {}), "integer")
+        return GraphFacts(path, meta.get("nodes", []), ir_text, meta.get("metrics", {}), "integer")
     if os.path.isfile(path) and path.endswith(".txt"):
         text = open(path, encoding="utf-8").read()
         stage = text.splitlines()[0].replace("// stage:", "").strip() if text.startswith("// stage:") else "?"
         return GraphFacts(path, parse_ir(text), text, {}, stage)
     from qpipe.api import quantize
-    from qpipe.artifact import node_table
+    from qpipe.backends.folder import node_table
     from qpipe.ir.printer import print_ir
     from qpipe.ir.stages import graph_stage
 

@@ -90,9 +90,9 @@ def _float_candidate(path: str) -> Candidate:
 
 
 def _quantized_candidate(path: str) -> Candidate:
-    from qpipe.artifact import load
+    from qpipe.backends.folder import open_folder
 
-    qm = load(path)
+    qm = open_folder(path)
     if not qm.meta.get("preprocessor"):
         raise QpipeError(f"{path}: qpipe.json has no preprocessor config; cannot turn audio into features")
     if not qm.meta.get("vocabulary"):
@@ -102,25 +102,20 @@ def _quantized_candidate(path: str) -> Candidate:
         path=qm.path,
         kind="quantized",
         preprocessor=qm.meta["preprocessor"],
-        vocabulary=list(qm.meta["vocabulary"]),
+        vocabulary=qm.vocabulary,
         forward=qm.logits_int,
         logit_scale=qm.output_scale,
-        info={"pipeline": qm.meta.get("pipeline"), "source": qm.meta.get("source", {}), "_qm": qm, "given": os.path.normpath(path)},
+        info={"pipeline": qm.meta.get("pipeline"), "target": qm.target.name, "source": qm.meta.get("source", {}),
+              "_qm": qm, "given": os.path.normpath(path)},
     )
 
 
 def _load_program(c: Candidate) -> None:
-    """Load a quantized program now (not inside the first timed utterance), with a one-line error."""
+    """Load a quantized model's runner now (not inside the first timed utterance); errors are one QpipeError line."""
     qm = c.info.get("_qm")
     if qm is None:
         return
-    try:
-        qm.module
-    except QpipeError:
-        raise
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise QpipeError(f"{c.path}: cannot load model.pt2: {type(exc).__name__}: {first}") from exc
+    qm.runner
 
 
 def _unique_names(cands: list[Candidate]) -> None:
@@ -192,7 +187,7 @@ def evaluate(
 
     reference = cands[0]
     if float_path is not None:
-        from qpipe.artifact import file_sha256
+        from qpipe.backends.folder import file_sha256
 
         sha = file_sha256(float_path)
         for c in quantized:
@@ -286,6 +281,7 @@ def _result(cands: list[Candidate], utts: list[Utterance], manifest: str, has_fl
         }
         if c.kind == "quantized":
             row["pipeline"] = c.info.get("pipeline")
+            row["target"] = c.info.get("target")
         else:
             row.update({k: v for k, v in c.info.items() if not k.startswith("_") and k != "given"})
         rows.append(row)
@@ -488,10 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from qpipe.artifact import is_artifact
+    from qpipe.backends.folder import is_output_folder
 
     if os.path.isdir(args.model):
-        if not is_artifact(args.model):
+        if not is_output_folder(args.model):
             raise QpipeError(f"{args.model} is neither a .nemo model nor a qpipe output folder (no qpipe.json)")
         float_path, outs = None, [args.model, *args.outputs]
     else:

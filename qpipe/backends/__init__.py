@@ -1,7 +1,34 @@
-"""Backends turn an integer graph into something that runs elsewhere, and run it.
+"""Backends: targets behind one small protocol and a registry.
 
-Today the integer graph runs through the exact ``qpipe::`` reference kernels
-(``torch.export`` program, CPU). PyTorch int8 (VNNI, CUDA), ONNX QDQ and
-TensorRT backends are next (../shared/ROADMAP.md): each walks the integer graph
-op by op, reading scales and (m, s) pairs from the node arguments.
+A target writes an output folder's model files from the integer graph and loads
+them back as float features -> integer logits (:mod:`qpipe.backends.target`);
+everything else about an output folder is shared (:mod:`qpipe.backends.folder`).
+Adding a target is one module in this folder that defines a :class:`Target`
+subclass under ``@register_target``; the registry imports it when first asked
+(outside qpipe: an entry point in the group ``qpipe.targets``).
+
+Built in: ``reference`` (torch.export program of the exact ``qpipe::`` kernels).
+PyTorch int8 (VNNI, CUDA), ONNX QDQ and TensorRT are next (../shared/ROADMAP.md).
+
+Layering: this package may import ``qpipe.ir`` and ``qpipe.frontends``, never
+``qpipe.passes``, ``qpipe.asr`` or the application (``qpipe.api``, ``qpipe.cli``,
+``qpipe.inspect``).
 """
+from qpipe.backends.target import (  # noqa: F401
+    Runner,
+    SaveRecord,
+    Target,
+    check_available,
+    get_target,
+    list_targets,
+    register_target,
+)
+from qpipe.backends.folder import (  # noqa: F401
+    DEFAULT_TARGET,
+    FORMAT,
+    QuantizedModel,
+    is_output_folder,
+    open_folder,
+    read_meta,
+    write_folder,
+)

@@ -114,7 +114,7 @@ def _run(prep_dir: str, json_path: str | None, repeats: int, batches=(1, 16, 64)
     import torch
 
     import qpipe.ir.ops  # noqa: F401  (registers the qpipe:: ops the program calls)
-    from qpipe.artifact import load
+    from qpipe.backends import open_folder
 
     meta = json.load(open(os.path.join(prep_dir, "prepared.json")))
     ep = torch.export.load(os.path.join(prep_dir, "float.pt2"))
@@ -122,7 +122,7 @@ def _run(prep_dir: str, json_path: str | None, repeats: int, batches=(1, 16, 64)
     float_cpu = ep.module()
     int_dir = os.path.join(prep_dir, "int8")
     if os.path.isdir(int_dir):
-        int_cpu = load(int_dir).module
+        int_cpu = open_folder(int_dir).runner.module  # a reference folder: the torch.export program
         quantized_where = "prepare"
     else:  # too big to carry both: run the default pipeline here, on the float program
         import qpipe.api as qp

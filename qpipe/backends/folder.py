@@ -1,11 +1,15 @@
-"""The quantized model on disk: ``OUT/`` with the integer program, a reproduction
-record and a short report. Written atomically: a failed run leaves no OUT.
+"""An output folder ``OUT/``, whatever the target: written atomically (a failed
+run leaves no OUT), opened by reading ``qpipe.json`` and asking its target.
 
-    OUT/model.pt2      torch.export program of the integer graph (qpipe:: ops; needs qpipe installed to load)
-    OUT/qpipe.json     pipeline with every option, seeds, per-node scales, versions, the model's preprocessor and vocabulary
+    OUT/qpipe.json     format, target, pipeline with every option, per-pass times and stats,
+                       seeds, per-node scales, versions, the model's preprocessor and vocabulary
     OUT/ir.txt         the printed integer IR, with provenance
     OUT/report.txt     a short human summary
     OUT/frontend.pt    the float mel front end (filterbank, window, settings) for transcription
+    OUT/...            the target's model files (``reference``: model.pt2)
+
+A folder written before targets existed has no ``"target"`` key; it is a
+``reference`` folder.
 """
 from __future__ import annotations
 
@@ -16,18 +20,20 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule
 
 from qpipe import __version__
+from qpipe.backends.target import Runner, SaveRecord, Target, check_available, get_target, list_targets
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.meta import PROVENANCE, QPARAMS, QPOLICY
 from qpipe.ir.printer import SymbolNames, dtype_name, print_ir, target_name
 
 FORMAT = "qpipe-int8/1"
+DEFAULT_TARGET = "reference"  # what a folder without a "target" key was written for
 
 
 def _jsonable(v: Any) -> Any:
@@ -77,50 +83,51 @@ def file_sha256(path: str) -> Optional[str]:
     return h.hexdigest()
 
 
-def export_integer(gm: GraphModule, example: torch.Tensor, time_dim: Optional[int] = 2) -> torch.export.ExportedProgram:
-    dims = {0: torch.export.Dim.AUTO}
-    if time_dim is not None:
-        dims[time_dim] = torch.export.Dim.AUTO
-    try:
-        return torch.export.export(gm, (example,), dynamic_shapes=(dims,), strict=False)
-    except Exception as exc:
-        raise QpipeError(f"could not export the integer graph: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+def _optional_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("nemo_toolkit", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
-@dataclass
-class SaveRecord:
-    pipeline: str
-    passes: list[dict[str, Any]]
-    source: str
-    kind: str
-    preprocessor: Optional[dict[str, Any]]
-    vocabulary: Optional[list[str]]
-    time_dim: Optional[int]
-    time_multiple: int
-    input_shape: list[int]
-    featurizer_state: Optional[dict[str, Any]] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+def check_writable(out_dir: str, force: bool = False) -> None:
+    """Fail early (before any slow work) when OUT exists and may not be replaced."""
+    if os.path.exists(out_dir) and not force and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise QpipeError(f"output {out_dir} already exists (use --force to replace it)")
 
 
-def save(out_dir: str, gm: GraphModule, record: SaveRecord, example: torch.Tensor, report: str, force: bool = False) -> str:
-    """Write OUT atomically (into a temp folder beside it, renamed at the end)."""
+def write_folder(
+    out_dir: str,
+    gm: GraphModule,
+    record: SaveRecord,
+    example: torch.Tensor,
+    report: str,
+    target: str | Target = DEFAULT_TARGET,
+    force: bool = False,
+) -> str:
+    """Write OUT for ``target`` atomically (into a temp folder beside it, renamed at the end)."""
+    tgt = get_target(target) if isinstance(target, str) else target
+    check_available(tgt)
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not force:
-        if not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-            raise QpipeError(f"output {out_dir} already exists (use --force to replace it)")
+    check_writable(out_dir, force)
     parent = os.path.dirname(out_dir)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as exc:
         raise QpipeError(f"cannot write {out_dir}: cannot create folder {parent}: {exc.strerror}") from None
-    ep = export_integer(gm, example, record.time_dim)
     tmp = tempfile.mkdtemp(prefix=".qpipe-tmp-", dir=parent)
     try:
-        torch.export.save(ep, os.path.join(tmp, "model.pt2"))
+        tgt.write(tmp, gm, record, example)
         if record.featurizer_state:
             torch.save(record.featurizer_state, os.path.join(tmp, "frontend.pt"))
         meta = {
             "format": FORMAT,
+            "target": tgt.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "pipeline": record.pipeline,
             "passes": record.passes,
@@ -155,38 +162,54 @@ def save(out_dir: str, gm: GraphModule, record: SaveRecord, example: torch.Tenso
     return out_dir
 
 
-def _optional_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("nemo_toolkit", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+# --------------------------------------------------------------------------- opening
 
 
-def is_artifact(path: str) -> bool:
+def is_output_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "qpipe.json"))
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """``qpipe.json`` of an output folder, its format checked (the target is not needed)."""
+    if not is_output_folder(path):
+        raise QpipeError(f"{path} is not a qpipe output folder (no qpipe.json)")
+    with open(os.path.join(path, "qpipe.json"), encoding="utf-8") as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise QpipeError(f"{path}/qpipe.json is corrupt: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise QpipeError(f"{path}: unknown format {found!r} (expected {FORMAT})")
+    return meta
 
 
 @dataclass
 class QuantizedModel:
-    """A loaded ``OUT/``: the integer program plus what it needs to transcribe."""
+    """An opened ``OUT/``: its ``qpipe.json``, its target, and what it needs to transcribe.
+
+    The target's runner is loaded on first use (``runner``, ``logits_int``), so
+    reading an output folder's facts needs neither its model files nor its runtime.
+    """
 
     path: str
     meta: dict[str, Any]
-    _module: Optional[torch.nn.Module] = None
+    target: Target
+    _runner: Optional[Runner] = None
 
     @property
-    def module(self) -> torch.nn.Module:
-        if self._module is None:
-            import qpipe.ir.ops  # noqa: F401  (the program calls torch.ops.qpipe.*)
-
-            ep = torch.export.load(os.path.join(self.path, "model.pt2"))
-            self._module = ep.module()
-        return self._module
+    def runner(self) -> Runner:
+        if self._runner is None:
+            check_available(self.target)
+            try:
+                self._runner = self.target.load(self.path, self.meta)
+            except QpipeError:
+                raise
+            except Exception as exc:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                files = ", ".join(self.target.files) or f"the {self.target.name} model"
+                raise QpipeError(f"{self.path}: cannot load {files}: {type(exc).__name__}: {first}") from exc
+        return self._runner
 
     def featurizer(self):
         """Audio -> features as the float model computed them (no NeMo when frontend.pt exists)."""
@@ -200,26 +223,31 @@ class QuantizedModel:
 
     @property
     def output_scale(self) -> float:
+        """Integer logits times this are the model's log-probabilities."""
         return float(self.meta["outputs"][0]["scale"])
 
+    @property
+    def vocabulary(self) -> list[str]:
+        return list(self.meta.get("vocabulary") or [])
+
     def logits_int(self, features: torch.Tensor) -> torch.Tensor:
-        """Integer logits (B, T', V) for float features (B, F, T)."""
-        multiple = int(self.meta["input"].get("time_multiple", 1) or 1)
+        """Integer logits (B, T', V) for float features (B, F, T); T is cut to the model's time multiple."""
+        multiple = int(self.meta.get("input", {}).get("time_multiple", 1) or 1)
         t = (features.shape[2] // multiple) * multiple
         with torch.no_grad():
-            return self.module(features[:, :, :t].contiguous())
+            return self.runner.logits_int(features[:, :, :t].contiguous())
 
 
-def load(path: str) -> QuantizedModel:
-    if not is_artifact(path):
-        raise QpipeError(f"{path} is not a qpipe output folder (no qpipe.json)")
-    with open(os.path.join(path, "qpipe.json"), encoding="utf-8") as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise QpipeError(f"{path}/qpipe.json is corrupt: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise QpipeError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
-    if not os.path.isfile(os.path.join(path, "model.pt2")):
-        raise QpipeError(f"{path}: model.pt2 is missing")
-    return QuantizedModel(os.path.abspath(path), meta)
+def open_folder(path: str) -> QuantizedModel:
+    """Read ``qpipe.json``, check its format, find its target, check the target's files are there."""
+    meta = read_meta(path)
+    name = meta.get("target", DEFAULT_TARGET)
+    try:
+        target = get_target(name)
+    except QpipeError:
+        known = ", ".join(t.name for t in list_targets()) or "none"
+        raise QpipeError(f"{path} was written for target '{name}', which this qpipe does not have (targets: {known})") from None
+    for fname in target.files:
+        if not os.path.isfile(os.path.join(path, fname)):
+            raise QpipeError(f"{path}: {fname} is missing")
+    return QuantizedModel(os.path.abspath(path), meta, target)
