@@ -105,7 +105,11 @@ def quantize(
     force: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> QuantizeResult:
-    """Run ``passes`` on ``model``; with ``output``, write a ``target`` folder atomically."""
+    """Run ``passes`` on a copy of ``model``; with ``output``, write a ``target`` folder atomically.
+
+    The model given is not changed (a FloatModel's graph is copied before the
+    pipeline runs), so a failed run leaves it as it was.
+    """
     _builtin_passes()
     for path in load:
         load_pass_file(path)
@@ -123,9 +127,9 @@ def quantize(
     check_stages(pipeline, graph_stage(fm.gm))
     load_s = time.perf_counter() - started
     log(f"exported in {load_s:.1f}s: {fm.kind}, {fm.info.get('parameters', '?')} parameters")
-    float_gm = copy.deepcopy(fm.gm)
+    float_gm = fm.gm  # left as it is: the pipeline runs on a copy
     state = fm.pipeline_state()
-    run = run_pipeline(fm.gm, pipeline, state=state, instrument=instrument, progress=progress, log=log)
+    run = run_pipeline(copy.deepcopy(fm.gm), pipeline, state=state, instrument=instrument, progress=progress, log=log)
     gm = run.gm
     metrics: dict[str, Any] = {"load_seconds": round(load_s, 2), "pipeline_seconds": round(sum(r.seconds for r in run.records), 2)}
     metrics["float_mb"] = round(_param_bytes(float_gm) / 2**20, 3)
