@@ -220,6 +220,18 @@ def test_an_unavailable_target_fails_before_any_work(tiny_float_model, tmp_path)
         quantize("does/not/exist.nemo", FAST_PIPELINE, output=str(out), target="no-such", progress=False)
 
 
+def test_pass_records_and_report_show_verify_time_apart(written):
+    result, out = written
+    meta = json.loads((out / "qpipe.json").read_text())
+    assert [p["name"] for p in meta["passes"]][0] == "fold-bn"
+    for p in meta["passes"]:
+        assert isinstance(p["seconds"], float) and isinstance(p["verify_seconds"], float) and p["verify_seconds"] >= 0
+    header = next(line for line in result.report.splitlines() if line.startswith("pass "))
+    assert header.split()[:4] == ["pass", "seconds", "verify", "changed"]
+    assert (out / "report.txt").read_text() == result.report
+    assert "verify_seconds" in result.metrics
+
+
 # --------------------------------------------------------------------------- CLI
 
 
