@@ -22,11 +22,8 @@ pytestmark = [pytest.mark.nemo, pytest.mark.slow]
 
 
 def _open(folder: str):
-    """An output folder, opened by qpipe.backends (since the redesign) or qpipe.artifact (before)."""
-    try:
-        from qpipe.backends import open_folder
-    except ImportError:
-        from qpipe.artifact import load as open_folder
+    from qpipe.backends import open_folder
+
     return open_folder(folder)
 
 
