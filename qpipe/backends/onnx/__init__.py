@@ -1,0 +1,1 @@
+"""Helpers of the ``onnx-qdq`` target (:mod:`qpipe.backends.onnx_qdq`)."""
