@@ -4,7 +4,9 @@ The integer program becomes a float ONNX graph with QuantizeLinear /
 DequantizeLinear (QDQ) pairs where qpipe has integer tensors, placed so that the
 runtimes fuse them back into integer kernels:
 
-* the float features go into ``QuantizeLinear`` at the input quantizer's scale;
+* the float features are quantized at the input quantizer's scale (``ort``:
+  qpipe's own ``floor(x/scale + 1/2)`` in float64, six elementwise ops;
+  ``tensorrt``: a ``QuantizeLinear``);
 * a ``*_rq`` op (conv, linear) is ``DQ(x)`` and ``DQ(weight int8, per output
   channel, axis 0)`` and ``DQ(bias int32 at S_x*S_w)`` into ``Conv`` / ``Gemm``,
   then ``QuantizeLinear`` at the op's output scale (its ``qtype``);
@@ -79,7 +81,9 @@ class QdqLayout:
     ``weight_scale``: ``qtype`` (the qtype's scales, rounded to float32) or
     ``matched`` (float32 scales within a few ulps of those, chosen so that ORT's
     x86 kernels round every reachable value as qpipe's dyadic requantization
-    does: :mod:`qpipe.backends.onnx.ort_rounding`; uint8 activations only).
+    does: :mod:`qpipe.backends.onnx.ort_rounding`; uint8 activations only);
+    ``input_quant``: the input quantizer as ``exact`` (qpipe's ``floor(x/scale + 1/2)``
+    in float64, a few elementwise ops) or ``quantizelinear`` (float32, half to even).
     """
 
     name: str
@@ -88,6 +92,7 @@ class QdqLayout:
     exact_clamp: bool = True
     head: str = "integer"
     weight_scale: str = "matched"
+    input_quant: str = "exact"
 
     def __post_init__(self) -> None:
         checks = {
@@ -95,6 +100,7 @@ class QdqLayout:
             "clamp": ("codes", "float"),
             "head": ("integer", "float"),
             "weight_scale": ("qtype", "matched"),
+            "input_quant": ("exact", "quantizelinear"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -107,7 +113,8 @@ class QdqLayout:
 
 LAYOUTS = {
     "ort": QdqLayout("ort"),
-    "tensorrt": QdqLayout("tensorrt", activations="int8", clamp="float", head="float", weight_scale="qtype"),
+    "tensorrt": QdqLayout("tensorrt", activations="int8", clamp="float", head="float", weight_scale="qtype",
+                          input_quant="quantizelinear"),
 }
 
 
@@ -368,7 +375,19 @@ class _Builder:
         bits = int(b["bits"])
         hi = (1 << (bits - 1)) - 1
         qt = self.qtype(node)
-        return self.quantize(x.name, qt, node.name, -hi, hi)
+        if self.layout.input_quant == "quantizelinear" or bits > 8:
+            return self.quantize(x.name, qt, node.name, -hi, hi)
+        # qpipe's quantizer floor(x / scale + 1/2), in float64 (a float32 QuantizeLinear rounds the
+        # quotient to float32 and then half to even: a step off on inputs near a rounding boundary).
+        # The float64 quotient and sum each round once, at 2**-53: a step off only within ~1e-16 of a boundary.
+        h = node.name
+        elem, zp, npdtype = self.act_type(bits)
+        t = self.node("Div", [self.node("Cast", [x.name], f"{h}_f64", to=self.TP.DOUBLE),
+                              self.const("scale_f64", np.array(float(qt.scale), np.float64))], f"{h}_quotient")
+        q = self.node("Floor", [self.node("Add", [t, self.const("half_zp_f64", np.array(zp + 0.5))], f"{h}_half")], f"{h}_floor")
+        bounds = [self.const("lo_f64", np.array(float(zp - hi))), self.const("hi_f64", np.array(float(zp + hi)))]
+        q = self.node("Clip", [q, *bounds], f"{h}_clamp")
+        return _Q(self.node("Cast", [q], f"{h}_codes", to=elem), float(qt.scale), zp, elem, bits, -hi, hi)
 
     def _weight_dq(self, node: Node, w: torch.Tensor, sw: np.ndarray) -> str:
         """DequantizeLinear of an int8 per-output-channel weight (axis 0)."""
