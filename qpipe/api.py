@@ -134,7 +134,7 @@ def quantize(
     metrics: dict[str, Any] = {
         "load_seconds": round(load_s, 2),
         "pipeline_seconds": round(sum(r.seconds for r in run.records), 2),
-        "verify_seconds": round(sum(_verify_seconds(r) for r in run.records), 2),
+        "verify_seconds": round(sum(r.verify_seconds for r in run.records), 2),
     }
     metrics["float_mb"] = round(_param_bytes(float_gm) / 2**20, 3)
     metrics["final_mb"] = round(_param_bytes(gm) / 2**20, 3)
@@ -154,7 +154,7 @@ def quantize(
                     "name": r.name,
                     "step": r.step,
                     "seconds": round(r.seconds, 3),
-                    "verify_seconds": round(_verify_seconds(r), 3),
+                    "verify_seconds": round(r.verify_seconds, 3),
                     "modified": r.modified,
                     "stats": r.stats,
                 }
@@ -174,11 +174,6 @@ def quantize(
     return result
 
 
-def _verify_seconds(record: Any) -> float:
-    """The verifier's time after a pass, apart from the pass's own (0 from a runner that does not time it)."""
-    return float(getattr(record, "verify_seconds", 0.0) or 0.0)
-
-
 def format_report(fm: FloatModel, run: PipelineRun, metrics: dict[str, Any]) -> str:
     lines = [
         f"qpipe report: {fm.source or fm.kind}",
@@ -189,7 +184,7 @@ def format_report(fm: FloatModel, run: PipelineRun, metrics: dict[str, Any]) -> 
     ]
     for r in run.records:
         stats = " ".join(f"{k}={v}" for k, v in r.stats.items())
-        lines.append(f"{r.name:<26} {r.seconds:7.2f}  {_verify_seconds(r):7.2f}  {'yes' if r.modified else 'no':<7}  {stats}")
+        lines.append(f"{r.name:<26} {r.seconds:7.2f}  {r.verify_seconds:7.2f}  {'yes' if r.modified else 'no':<7}  {stats}")
     lines.append("")
     lines.append(f"weights+constants: {metrics['float_mb']} MB float -> {metrics['final_mb']} MB")
     if "logprob_sqnr_db" in metrics:

@@ -12,7 +12,7 @@ from qpipe.ir.printer import target_name
 from qpipe.ir.qtype import QType
 from qpipe.ir.stages import Stage
 from qpipe.passes.lower import Lowering, families, family_of
-from qpipe.passes.lower.context import observer_of
+from qpipe.passes.lower.context import calibration_facts, observer_of
 
 
 def _quantize_input(lw: Lowering, node: Node) -> None:
@@ -21,7 +21,7 @@ def _quantize_input(lw: Lowering, node: Node) -> None:
         return
     scale = obs.meta[QPARAMS]["scale"]
     bits = int(obs.meta[QPOLICY].bits)
-    facts = {k: obs.meta[QPARAMS][k] for k in ("saturation", "amax") if k in obs.meta[QPARAMS]}
+    facts = calibration_facts(obs)
     qn = lw.emit(obs.next, torch.ops.qpipe.quantize.default, {"x": node, "scale": float(scale), "bits": bits}, node,
                  QType.of(bits, scale), {"scale": scale, "bits": bits, **facts})
     lw.bind(node, qn)

@@ -31,6 +31,12 @@ def observer_of(gm: GraphModule, node: Node) -> Optional[Node]:
     return None
 
 
+def calibration_facts(observer: Node) -> dict:
+    """What calibration measured at an observer (kept on the integer node for inspection once observers go)."""
+    facts = observer.meta[QPARAMS]
+    return {k: facts[k] for k in ("saturation", "amax") if k in facts}
+
+
 def after_activation(node: Node) -> bool:
     policy = node.meta.get(QPOLICY)
     return bool(getattr(policy, "after_activation", False))
@@ -112,9 +118,7 @@ class Lowering:
     def out_qparams(self, node: Node) -> tuple[float, int, Optional[Node], dict]:
         """(scale, bits, folded activation or None, calibration facts) of ``node``'s integer output."""
         obs, act = self.out_observer(node)
-        facts = obs.meta[QPARAMS]
-        kept = {k: facts[k] for k in ("saturation", "amax") if k in facts}
-        return facts["scale"], int(obs.meta[QPOLICY].bits), act, kept
+        return obs.meta[QPARAMS]["scale"], int(obs.meta[QPOLICY].bits), act, calibration_facts(obs)
 
     def int_bounds(self, bits: int, scale: float, activation: Optional[Node]) -> tuple[int, int]:
         """The integer clamp for ``bits`` at ``scale``, narrowed by an activation's real bounds."""
