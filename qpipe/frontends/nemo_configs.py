@@ -120,11 +120,41 @@ def conformer_tiny() -> dict[str, Any]:
     return cfg
 
 
+def _citrinet(filters: int, enc_final: int, megablocks, repeat: int = 5, prologue_kernel: int = 5,
+              se_context_size: int = -1) -> dict[str, Any]:
+    """A Citrinet encoder: a prologue, megablocks of SE residual blocks (the first of each strides by 2
+    with ``stride_last`` and ``residual_mode: stride_add``), an epilogue, as NeMo's citrinet configs."""
+    se = {"se": True, "se_context_size": se_context_size, "kernel_size_factor": 1.0}
+    jasper = [_block(filters, 1, prologue_kernel, residual=False, **se)]
+    for kernels in megablocks:
+        jasper.append(_block(filters, repeat, kernels[0], stride=2, stride_last=True, residual_mode="stride_add", **se))
+        jasper += [_block(filters, repeat, k, **se) for k in kernels[1:]]
+    jasper.append(_block(enc_final, 1, 41 if filters >= 256 else 11, residual=False, **se))
+    return _ctc_config(jasper, 80)
+
+
+def citrinet_384() -> dict[str, Any]:
+    """Citrinet-384 (8x stride), as NeMo's ``examples/asr/conf/citrinet/citrinet_384.yaml``: 80 mels,
+    21 SE blocks of 5 separable convs in 3 megablocks, global SE context (``se_context_size: -1``),
+    640-channel epilogue; a character vocabulary instead of the BPE tokenizer."""
+    megablocks = ((11, 13, 15, 17, 19, 21), (13, 15, 17, 19, 21, 23, 25), (25, 27, 29, 31, 33, 35, 37, 39))
+    cfg = _citrinet(384, 640, megablocks)
+    cfg["preprocessor"]["window_size"] = 0.025
+    return cfg
+
+
+def citrinet_tiny() -> dict[str, Any]:
+    """Citrinet's shape at unit-test size: 64 channels, 3 megablocks of 2 SE blocks (repeat 2), stride 8."""
+    return _citrinet(64, 96, ((11, 13), (13, 15), (15, 17)), repeat=2)
+
+
 CONFIGS = {
     "quartznet_15x5": quartznet_15x5,
     "jasper_10x5": jasper_10x5,
     "quartznet_tiny": quartznet_tiny,
     "conformer_tiny": conformer_tiny,
+    "citrinet_384": citrinet_384,
+    "citrinet_tiny": citrinet_tiny,
 }
 
 

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
+from qpipe.frontends.hops import inline_disabled_autocast
 from qpipe.frontends.model import FloatModel
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import prune_to_outputs
@@ -28,6 +29,7 @@ def graph_from_exported(ep: torch.export.ExportedProgram) -> GraphModule:
     every call node keeps the ``meta["val"]`` fake tensors that export computed.
     """
     gm = ep.module()
+    inline_disabled_autocast(gm)  # NeMo's squeeze-excite runs inside autocast(enabled=False)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _FUNCTIONAL:
             node.target = _FUNCTIONAL[node.target]

@@ -66,6 +66,9 @@ class OpSpec:
     channel_dim: Optional[int | str] = None  # an int, or the name of the argument holding it
     fused: Optional[str] = None  # name of the fused accumulate+requantize op
     fixed_scale: Optional[Callable[[dict[str, Any]], float]] = None
+    # OBSERVED ops whose (m, s) multiplies a product, not an input (x * gate, a * b, a mean):
+    # (the inputs' per-tensor scales, the bound arguments) -> the real scale of that product
+    product_scale: Optional[Callable[[tuple[float, ...], dict[str, Any]], float]] = None
     doc: str = field(default="", compare=False)
 
     @property

@@ -155,6 +155,11 @@ def _scale_rule_problems(gm: GraphModule, spec, values: dict, q: QType, ndim: in
         return [] if q.scale == float(values[spec.scale_arg]) else [f"scale {q.scale} is not the op's scale argument {values[spec.scale_arg]}"]
     if rule is ScaleRule.INHERITED:
         return [] if q == ins[0] else [f"an op that keeps its input's scale changed it: {ins[0]} -> {q}"]
+    if rule is ScaleRule.FIXED and spec.fixed_scale is not None:
+        expect = spec.fixed_scale(values)
+        return [] if abs(q.scale - expect) <= 1e-12 * expect else [f"scale {q.scale} is not the kernel's fixed scale {expect:.9g}"]
+    if rule is ScaleRule.OBSERVED and spec.product_scale is not None:
+        return _product_scale_problems(gm, spec, values, q, ins)
     w_scales = None
     if spec.weight:
         wq = qtype_of(values[spec.weight])
@@ -192,6 +197,20 @@ def _scale_rule_problems(gm: GraphModule, spec, values: dict, q: QType, ndim: in
                     f"to the output scale {outs[c]:.6g} (ratio {in_scales[c] / outs[c]:.9g})"
                 )
         return problems
+    return []
+
+
+def _product_scale_problems(gm: GraphModule, spec, values: dict, q: QType, ins: list) -> list[str]:
+    """One dyadic pair from the product of per-tensor inputs (x * gate, a * b, a mean) to the output scale."""
+    if any(i.per_channel for i in ins) or q.per_channel:
+        return [f"qpipe.{spec.name} needs per-tensor scales"]
+    m, shift = _const(gm, values[spec.multipliers[0]]), _const(gm, values[spec.shift])
+    if m is None or shift is None or m.dtype != torch.int64 or shift.dtype != torch.int64 or m.numel() != 1 or shift.numel() != 1:
+        return [f"(m, s) of qpipe.{spec.name} are not one-value int64 tensor constants"]
+    product = spec.product_scale(tuple(float(i.scale) for i in ins), values)
+    if not _dyadic_agrees(product, int(m.item()), int(shift.item()), float(q.scale)):
+        return [f"(m, s) = ({int(m.item())}, {int(shift.item())}) does not take the product scale {product:.6g} "
+                f"to the output scale {float(q.scale):.6g}"]
     return []
 
 
