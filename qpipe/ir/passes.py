@@ -58,17 +58,85 @@ PassFn = Callable[[GraphModule, PassContext], PassResult]
 
 
 @dataclass(frozen=True)
+class Opt:
+    """One pass option: its default (which also fixes its type) and the values that make sense.
+
+    Declared where the pass is registered (``options={"steps": Opt(50, lo=0)}``) so
+    that ``parse_pipeline`` rejects a bad value when the command starts, before the
+    model is loaded or any pass runs, in the same words for every pass. A plain
+    default (``options={"steps": 50}``) is an ``Opt`` without limits.
+
+    ``lo``/``hi``: inclusive bounds of a number (``lo_open``/``hi_open``: exclusive);
+    ``choices``: the allowed values; ``check``: a function of the value that returns
+    what is wrong with it as a phrase (or None), or raises a QpipeError worded in
+    full, for what bounds cannot say (a range method such as ``percentile:99.99``,
+    a file that must exist).
+    """
+
+    default: Any
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: Optional[tuple[Any, ...]] = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+    def problem(self, value: Any) -> Optional[str]:
+        """What is wrong with ``value`` (one phrase), or None."""
+        if self.choices is not None and value not in self.choices:
+            return "must be one of " + ", ".join(_fmt_opt(c) for c in self.choices)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:
+                return "must be a number, not nan"
+            below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            above = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+            if below or above:
+                return "must be " + self.describe_range()
+        if self.check is not None:
+            return self.check(value)
+        return None
+
+    def describe_range(self) -> str:
+        """``>= 0``, ``> 0``, ``in 2..16``, ``one of a, b``; empty when anything goes."""
+        if self.choices is not None:
+            return "one of " + ", ".join(_fmt_opt(c) for c in self.choices)
+        lo = None if self.lo is None else _fmt_num(self.lo)
+        hi = None if self.hi is None else _fmt_num(self.hi)
+        if lo is not None and hi is not None and not self.lo_open and not self.hi_open:
+            return f"in {lo}..{hi}"
+        parts = []
+        if lo is not None:
+            parts.append(("> " if self.lo_open else ">= ") + lo)
+        if hi is not None:
+            parts.append(("< " if self.hi_open else "<= ") + hi)
+        return " and ".join(parts)
+
+
+def _fmt_num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**63 else repr(x)
+
+
+@dataclass(frozen=True)
 class PassSpec:
     name: str
     fn: PassFn
     needs: Optional[Stage]
     leaves: Optional[Stage]
-    options: dict[str, Any]
+    options: dict[str, Any]  # name -> default
     doc: str
+    option_specs: dict[str, Opt] = field(default_factory=dict)  # name -> declared limits
 
     @property
     def summary(self) -> str:
         return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raise one QpipeError line for the first option value outside its declared limits."""
+        for key, value in options.items():
+            spec = self.option_specs.get(key)
+            reason = spec.problem(value) if spec is not None else None
+            if reason:
+                raise QpipeError(f"pass '{self.name}': option {key}={_fmt_opt(value)} {reason}")
 
 
 _PASSES: dict[str, PassSpec] = {}
@@ -84,6 +152,9 @@ def register(
 ) -> Callable[[PassFn], PassFn]:
     """Register a pass under ``name``. ``needs``/``leaves`` None means "any, unchanged".
 
+    ``options`` maps each option to its default or to an :class:`Opt` (default and
+    limits); values are checked when a pipeline string is parsed.
+
     A name is registered once: a second pass of the same name is an error (it
     would silently replace the first), and so is a name taken by a named pipeline.
     """
@@ -96,7 +167,9 @@ def register(
             raise QpipeError(f"pass '{name}' is already registered (by {where}); pick another name")
         if name in _PIPELINES:
             raise QpipeError(f"'{name}' is already the name of a pipeline; pick another pass name")
-        _PASSES[name] = PassSpec(name, fn, needs, leaves, dict(options or {}), fn.__doc__ or "")
+        specs = {k: v if isinstance(v, Opt) else Opt(v) for k, v in (options or {}).items()}
+        defaults = {k: o.default for k, o in specs.items()}
+        _PASSES[name] = PassSpec(name, fn, needs, leaves, defaults, fn.__doc__ or "", specs)
         return fn
 
     return deco
@@ -276,6 +349,7 @@ def parse_pipeline(text: str, _depth: int = 0) -> Pipeline:
                     known = ", ".join(sorted(spec.options)) or "none"
                     raise QpipeError(f"pass '{name}' has no option '{key}' (options: {known})")
                 options[key] = _coerce(name, key, raw, spec.options[key])
+        spec.check_options(options)  # ranges, choices, files: now, not after loading the model
         steps.append(Step(spec, options))
     return Pipeline(steps)
 

@@ -1,6 +1,7 @@
 """calibrate-data: calibrate on real audio from a NeMo manifest (for comparison with zero-shot)."""
 from __future__ import annotations
 
+import os
 import random
 
 from torch.fx import GraphModule
@@ -8,16 +9,26 @@ from torch.fx import GraphModule
 from qpipe.frontends.audio import read_manifest
 from qpipe.frontends.features import make_featurizer
 from qpipe.ir.errors import QpipeError
-from qpipe.ir.passes import PassContext, PassResult, register
+from qpipe.ir.passes import Opt, PassContext, PassResult, register
 from qpipe.ir.stages import Stage
 from qpipe.passes.calibration import calibrate_from_batches
+
+
+def _manifest_problem(path: str) -> str | None:
+    if not path:
+        raise QpipeError("calibrate-data needs manifest=PATH (a NeMo manifest of audio)")
+    return None if os.path.isfile(path) else "is not an existing file"
 
 
 @register(
     "calibrate-data",
     needs=Stage.OBSERVED,
     leaves=Stage.CALIBRATED,
-    options={"manifest": "", "utterances": 32, "seed": 0},
+    options={
+        "manifest": Opt("", check=_manifest_problem),
+        "utterances": Opt(32, lo=1),
+        "seed": Opt(0, lo=0, hi=2**62),
+    },
 )
 def calibrate_data(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Calibrate on real audio: mel features of up to ``utterances`` files from ``manifest``.

@@ -5,7 +5,7 @@ import torch
 from torch.fx import GraphModule
 
 from qpipe.ir.errors import QpipeError
-from qpipe.ir.passes import PassContext, PassResult, register
+from qpipe.ir.passes import Opt, PassContext, PassResult, register
 from qpipe.ir.stages import Stage
 from qpipe.passes.calibration import calibrate_from_batches, input_shape
 
@@ -14,7 +14,12 @@ from qpipe.passes.calibration import calibrate_from_batches, input_shape
     "calibrate-noise",
     needs=Stage.OBSERVED,
     leaves=Stage.CALIBRATED,
-    options={"kind": "gaussian", "batch": 8, "length": 256, "seed": 0},
+    options={
+        "kind": Opt("gaussian", choices=("gaussian", "zeros")),
+        "batch": Opt(8, lo=1),
+        "length": Opt(256, lo=2),
+        "seed": Opt(0, lo=0, hi=2**62),
+    },
 )
 def calibrate_noise(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Calibrate on Gaussian noise (kind=gaussian) or one all-zeros input (kind=zeros).

@@ -8,8 +8,8 @@ from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import users_through
 from qpipe.ir.meta import QPOLICY, set_provenance
 from qpipe.ir.observer import ActObserver
-from qpipe.ir.passes import PassContext, PassResult, register
-from qpipe.ir.policy import LayerPolicy, QuantSpec
+from qpipe.ir.passes import Opt, PassContext, PassResult, register
+from qpipe.ir.policy import LayerPolicy, QuantSpec, parse_range_method
 from qpipe.ir.stages import Stage
 from qpipe.passes.lower import family_of, transparent_ops, unsupported_ops
 from qpipe.passes.lower.table import ops_where
@@ -46,11 +46,29 @@ def unsupported_message(gm: GraphModule) -> str | None:
     )
 
 
+def _range_method_problem(text: str) -> str | None:
+    try:
+        parse_range_method(text)
+    except QpipeError:
+        return "must be minmax or percentile:P with P in (50, 100]"
+    return None
+
+
+_BITS = {"lo": 2, "hi": 16}  # what QuantSpec accepts
+
+
 @register(
     "insert-observers",
     needs=Stage.FOLDED,
     leaves=Stage.OBSERVED,
-    options={"act": "percentile:99.99", "w_bits": 8, "a_bits": 8, "in_bits": 8, "out_bits": 16, "out_act": "minmax"},
+    options={
+        "act": Opt("percentile:99.99", check=_range_method_problem),
+        "w_bits": Opt(8, **_BITS),
+        "a_bits": Opt(8, **_BITS),
+        "in_bits": Opt(8, **_BITS),
+        "out_bits": Opt(16, **_BITS),
+        "out_act": Opt("minmax", check=_range_method_problem),
+    },
 )
 def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Write the quantization policy into node.meta and insert activation observers.
