@@ -29,6 +29,25 @@ def export_integer(gm: GraphModule, example: torch.Tensor, time_dim: Optional[in
         raise QpipeError(f"could not export the integer graph: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
+def stable_provenance(ep: torch.export.ExportedProgram) -> None:
+    """Number the graphs export's ``from_node`` records point to (0, 1, ... in order
+    of first use) instead of their ``id()``, so the same graph saves byte-identically."""
+    ids: dict[int, int] = {}
+
+    def fix(sources) -> None:
+        for src in sources or ():
+            info = getattr(src, "node_info", None)
+            if info is not None:
+                info.graph_id = ids.setdefault(info.graph_id, len(ids))
+            src._dict = None  # the cached dict holds the old id
+            fix(getattr(src, "from_node", None))
+
+    for module in ep.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in getattr(graph, "nodes", ()):
+            fix(node.meta.get("from_node"))
+
+
 class ReferenceRunner:
     """The loaded program; ``module`` is the plain ``nn.Module`` (e.g. to move it to CUDA)."""
 
@@ -48,6 +67,7 @@ class ReferenceTarget(Target):
 
     def write(self, folder: str, gm: GraphModule, record: SaveRecord, example: torch.Tensor) -> None:
         ep = export_integer(gm, example, record.time_dim)
+        stable_provenance(ep)
         torch.export.save(ep, os.path.join(folder, MODEL_FILE))
 
     def load(self, folder: str, meta: dict[str, Any]) -> ReferenceRunner:

@@ -48,22 +48,62 @@ def mel_state_from_nemo(preprocessor: torch.nn.Module, sample_rate: int) -> dict
     }
 
 
-class MelFeaturizer:
-    """(1, features, frames) log-mel features for one utterance, matching NeMo in eval mode."""
+MIN_FRAMES = 2  # what per-feature normalization (a std over time) needs
 
-    def __init__(self, state: dict[str, Any]):
+
+def too_short(name: str, samples: int, frames: int, min_frames: int, min_samples: int, sample_rate: int) -> QpipeError:
+    """The one message for audio shorter than the model takes (transcribe, eval, calibrate-data)."""
+    ms = lambda n: f"{1000.0 * n / sample_rate:.0f} ms"  # noqa: E731
+    return QpipeError(
+        f"{name}: audio too short: {ms(samples)} ({samples} samples, {max(frames, 0)} feature frames); "
+        f"this model needs at least {ms(min_samples)} ({min_frames} frames)"
+    )
+
+
+def stft_frames(samples: int, n_fft: int, hop: int, pad_amount: int) -> int:
+    """NeMo's frame count (it drops the last, partial frame)."""
+    return (samples + pad_amount - n_fft) // hop
+
+
+def min_samples_for(frames: int, n_fft: int, hop: int, pad_amount: int) -> int:
+    """The fewest samples that give ``frames`` frames (inverse of :func:`stft_frames`)."""
+    return max(1, frames * hop + n_fft - pad_amount)
+
+
+class MelFeaturizer:
+    """(1, features, frames) log-mel features for one utterance, matching NeMo in eval mode.
+
+    ``min_frames``: the fewest frames the model takes (its exported program's guard);
+    shorter audio is one QpipeError line naming the minimum length, before any work.
+    """
+
+    def __init__(self, state: dict[str, Any], min_frames: int = MIN_FRAMES):
         self.s = state
         self.sample_rate = int(state["sample_rate"])
+        self.min_frames = max(MIN_FRAMES, int(min_frames))
+        pad = state["stft_pad_amount"]
+        self._pad_amount = pad * 2 if pad is not None else state["n_fft"] // 2 * 2
 
-    def __call__(self, audio: np.ndarray) -> torch.Tensor:
+    def frames(self, samples: int) -> int:
+        return stft_frames(samples, self.s["n_fft"], self.s["hop_length"], self._pad_amount)
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest audio (in samples at ``sample_rate``) this featurizer and model take."""
+        return min_samples_for(self.min_frames, self.s["n_fft"], self.s["hop_length"], self._pad_amount)
+
+    def check_length(self, samples: int, name: str = "audio") -> None:
+        frames = self.frames(samples)
+        if frames < self.min_frames:
+            raise too_short(name, samples, frames, self.min_frames, self.min_samples, self.sample_rate)
+
+    def __call__(self, audio: np.ndarray, name: str = "audio") -> torch.Tensor:
         s = self.s
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0)
         n = x.shape[1]
         pad = s["stft_pad_amount"]
-        pad_amount = pad * 2 if pad is not None else s["n_fft"] // 2 * 2
-        frames = (n + pad_amount - s["n_fft"]) // s["hop_length"]  # NeMo drops the last, partial frame
-        if frames < 2:
-            raise QpipeError(f"audio too short for features: {n} samples")
+        self.check_length(n, name)
+        frames = self.frames(n)
         if pad is not None:
             x = torch.nn.functional.pad(x.unsqueeze(1), (pad, pad), "constant").squeeze(1)
         if s["preemph"] is not None:
@@ -95,4 +135,4 @@ class MelFeaturizer:
         return feats.contiguous()
 
     def file(self, path: str) -> torch.Tensor:
-        return self(load_audio(path, self.sample_rate))
+        return self(load_audio(path, self.sample_rate), name=path)

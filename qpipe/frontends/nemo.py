@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import tarfile
 import warnings
+import zlib
 from typing import Any, Optional
 
 import numpy as np
@@ -39,14 +41,24 @@ def read_nemo_config(path: str) -> dict[str, Any]:
         raise QpipeError(f"no such file: {path}")
     if os.path.isdir(path):
         raise QpipeError(f"{path} is a directory, not a .nemo file")
+    if os.path.getsize(path) == 0:
+        raise QpipeError(f"{path} is empty (0 bytes), not a .nemo file")
+    opened = False
     try:
         with tarfile.open(path, "r:*") as tar:
+            opened = True
+            # getmembers reads every header (through the whole archive): a truncated file fails here
             member = next((m for m in tar.getmembers() if m.name.endswith("model_config.yaml")), None)
             if member is None:
                 raise QpipeError(f"{path} is not a .nemo file (no model_config.yaml inside)")
-            text = tar.extractfile(member).read().decode("utf-8")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            try:
+                text = tar.extractfile(member).read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise QpipeError(f"{path}: model_config.yaml is not UTF-8 text") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        reason = (str(exc).splitlines()[0] if str(exc) else "").rstrip(": ") or type(exc).__name__
+        if opened:
+            raise QpipeError(f"{path} is truncated or corrupt ({reason})") from None
         raise QpipeError(f"{path} is not a .nemo file (not a tar archive: {reason})") from None
     import yaml
 
@@ -156,7 +168,9 @@ def load_nemo(path: str, example_time: int = 256, batch: int = 2) -> FloatModel:
         example_time = max(time_multiple * 2, (example_time // time_multiple) * time_multiple)
         features = int(cfg.get("preprocessor", {}).get("features", getattr(model.encoder, "_feat_in", 64)))
         graph_module = CTCGraph(model.encoder, model.decoder).eval()
-        example = (torch.randn(batch, features, example_time),)
+        # Seeded: the example's values reach the exported program's example inputs, so
+        # an unseeded draw would make model.pt2 differ from run to run.
+        example = (torch.randn(batch, features, example_time, generator=torch.Generator().manual_seed(0)),)
         from qpipe.frontends.torch import from_module
 
         with typecheck.disable_checks(), torch.no_grad(), warnings.catch_warnings():
@@ -195,12 +209,17 @@ def _plain(obj):
 class NemoFeaturizer:
     """NeMo's mel preprocessor from its config, deterministic (no dither) and in eval mode."""
 
-    def __init__(self, preprocessor_cfg: Optional[dict[str, Any]]):
+    def __init__(self, preprocessor_cfg: Optional[dict[str, Any]], min_frames: int = 2):
         if not preprocessor_cfg:
             raise QpipeError("the model carries no preprocessor config; cannot turn audio into features")
         cfg = dict(preprocessor_cfg)
         cfg["dither"] = 0.0
         self.sample_rate = int(cfg.get("sample_rate", 16000))
+        self.min_frames = max(2, int(min_frames))
+        hop = int(round(float(cfg.get("window_stride", 0.01)) * self.sample_rate))
+        win = int(round(float(cfg.get("window_size", 0.02)) * self.sample_rate))
+        n_fft = int(cfg.get("n_fft") or 2 ** math.ceil(math.log2(win)))
+        self._frames = (n_fft, hop, n_fft // 2 * 2)  # as frontends.mel counts them (center padding)
         with quiet_nemo():
             from omegaconf import OmegaConf
             from nemo.collections.asr.modules import AudioToMelSpectrogramPreprocessor
@@ -209,8 +228,22 @@ class NemoFeaturizer:
             self.module = AudioToMelSpectrogramPreprocessor.from_config_dict(OmegaConf.create({"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor", **cfg}))
         self.module.eval()
 
-    def __call__(self, audio: np.ndarray) -> torch.Tensor:
+    @property
+    def min_samples(self) -> int:
+        from qpipe.frontends.mel import min_samples_for
+
+        return min_samples_for(self.min_frames, *self._frames)
+
+    def check_length(self, samples: int, name: str = "audio") -> None:
+        from qpipe.frontends.mel import stft_frames, too_short
+
+        frames = stft_frames(samples, *self._frames)
+        if frames < self.min_frames:
+            raise too_short(name, samples, frames, self.min_frames, self.min_samples, self.sample_rate)
+
+    def __call__(self, audio: np.ndarray, name: str = "audio") -> torch.Tensor:
         """(1, features, frames) for one utterance."""
+        self.check_length(len(audio), name)
         signal = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).unsqueeze(0)
         length = torch.tensor([signal.shape[1]])
         with torch.no_grad():
@@ -218,4 +251,4 @@ class NemoFeaturizer:
         return feats[:, :, : int(feat_len[0])]
 
     def file(self, path: str) -> torch.Tensor:
-        return self(load_audio(path, self.sample_rate))
+        return self(load_audio(path, self.sample_rate), name=path)
