@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.iexp import EXP_FRAC, ONE
 from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
 
+GELU_FRAC = 16
+ONE = 1 << GELU_FRAC
 ERF_A = round(-0.2888 * ONE)  # Q16
 ERF_B = round(1.769 * ONE)  # Q16, the clip point -b
 
@@ -30,13 +31,13 @@ def gelu_input_ratio(scale: float) -> float:
 
 
 def gelu_product_scale(in_scale: float) -> float:
-    return float(in_scale) * 2.0 ** -(EXP_FRAC + 1)
+    return float(in_scale) * 2.0 ** -(GELU_FRAC + 1)
 
 
 def erf_fixed(u: Tensor) -> Tensor:
     """I-BERT's erf polynomial in Q16 for Q16 ``u`` (int64)."""
     w = u.abs().clamp(max=ERF_B) - ERF_B
-    poly = round_shift(ERF_A * w * w, 2 * EXP_FRAC) + ONE
+    poly = round_shift(ERF_A * w * w, 2 * GELU_FRAC) + ONE
     return torch.sign(u) * poly
 
 

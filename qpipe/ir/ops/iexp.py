@@ -8,16 +8,19 @@ Here the range reduction happens on a fine grid instead, in base 2 as I-ViT's
 Shiftmax does:
 
 1. ``t = round(x * m / 2**s)``: the input in log2 units, ``x * S * log2(e)``,
-   as a Q16 fixed-point number (``EXP_FRAC`` fractional bits). ``(m, s)`` is the
-   dyadic pair of ``S * log2(e) * 2**16``, computed at lowering time from the
+   as a Q20 fixed-point number (``EXP_FRAC`` fractional bits). ``(m, s)`` is the
+   dyadic pair of ``S * log2(e) * 2**20``, computed at lowering time from the
    input's scale; nothing else depends on the scale.
-2. ``k = t >> 16`` (floor), ``f = t - k * 2**16`` in ``[0, 2**16)``.
-3. ``2**(f / 2**16) ~= P(f)``: a cubic with integer Q16 coefficients
-   (``EXP2_POLY``, a near-minimax fit on [0, 1), max relative error 1.3e-4),
+2. ``k = t >> 20`` (floor), ``f = t - k * 2**20`` in ``[0, 2**20)``.
+3. ``2**(f / 2**20) ~= P(f)``: a quartic with integer Q20 coefficients
+   (``EXP2_POLY``, a near-minimax fit on [0, 1) with P(0) = 1 exactly, max
+   relative error 4e-6 after rounding the coefficients),
    evaluated by Horner with a round-half-up shift after each product.
 4. ``e = round(P(f) / 2**(-k))``: the shift by the integer part.
 
-The result is ``exp(x * S)`` at the fixed scale ``2**-16`` (1.0 is 65536).
+The result is ``exp(x * S)`` at the fixed scale ``2**-20`` (1.0 is 2**20): Q20
+rather than Q16 so that a 16-bit softmax or sigmoid output still rounds once,
+at its own last step.
 Inputs must be <= 0 (softmax subtracts the maximum first, sigmoid takes
 ``-|x|``); a positive ``t`` is clamped to 0, so exp saturates at 1.
 """
@@ -31,16 +34,16 @@ from torch import Tensor
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
 from qpipe.ir.ops.kernels import dtype_for_bits, round_shift
 
-EXP_FRAC = 16
+EXP_FRAC = 20
 ONE = 1 << EXP_FRAC
-# 2**f ~= 1 + c1 f + c2 f**2 + c3 f**3 on [0, 1), coefficients in Q16 (c0 = 1.0 exactly)
-EXP2_POLY = (ONE, 45584, 14823, 5121)
+# 2**f ~= 1 + c1 f + c2 f**2 + c3 f**3 + c4 f**4 on [0, 1), coefficients in Q20 (c0 = 1.0 exactly)
+EXP2_POLY = (ONE, 726683, 253174, 54474, 14241)
 MAX_SHIFT = 62
 LOG2E = 1.0 / math.log(2.0)
 
 
 def exp_input_ratio(scale: float) -> float:
-    """The real ratio the dyadic ``(m, s)`` of an exp stage approximates: ``S * log2(e) * 2**16``."""
+    """The real ratio the dyadic ``(m, s)`` of an exp stage approximates: ``S * log2(e) * 2**20``."""
     return float(scale) * LOG2E * ONE
 
 
@@ -50,20 +53,18 @@ def exp_m_bits(in_bits: int) -> int:
 
 
 def exp2_fixed(t: Tensor) -> Tensor:
-    """``round(2**(t / 2**16) * 2**16)`` (up to the polynomial) for int64 ``t <= 0`` in Q16."""
+    """``round(2**(t / 2**20) * 2**20)`` (up to the polynomial) for int64 ``t <= 0`` in Q20."""
     t = t.to(torch.int64).clamp(max=0)
-    k = torch.bitwise_right_shift(t, EXP_FRAC)  # floor(t / 2**16) <= 0
+    k = torch.bitwise_right_shift(t, EXP_FRAC)  # floor(t / 2**20) <= 0
     f = t - torch.bitwise_left_shift(k, EXP_FRAC)
-    c0, c1, c2, c3 = EXP2_POLY
-    p = torch.full_like(f, c3)
-    p = round_shift(p * f, EXP_FRAC) + c2
-    p = round_shift(p * f, EXP_FRAC) + c1
-    p = round_shift(p * f, EXP_FRAC) + c0
+    p = torch.full_like(f, EXP2_POLY[-1])
+    for c in reversed(EXP2_POLY[:-1]):  # Horner, one round-half-up shift per product
+        p = round_shift(p * f, EXP_FRAC) + c
     return round_shift(p, (-k).clamp(max=MAX_SHIFT))
 
 
 def exp_fixed(x: Tensor, m: int, s: int) -> Tensor:
-    """``exp(x * S)`` in Q16 for integer ``x <= 0``; ``(m, s)`` from :func:`exp_input_ratio`."""
+    """``exp(x * S)`` in Q20 for integer ``x <= 0``; ``(m, s)`` from :func:`exp_input_ratio`."""
     t = round_shift(x.to(torch.int64) * int(m), int(s))
     return exp2_fixed(t)
 
@@ -77,7 +78,7 @@ def exp_fixed(x: Tensor, m: int, s: int) -> Tensor:
     fixed_scale=lambda v: 2.0 ** -EXP_FRAC,
 )
 def exp_int(x: Tensor, m: int, s: int, bits: int) -> Tensor:
-    """Integer exp of ``x <= 0`` at the fixed scale 2**-16 (base-2 range reduction, cubic for 2**f)."""
+    """Integer exp of ``x <= 0`` at the fixed scale 2**-20 (base-2 range reduction, quartic for 2**f)."""
     return exp_fixed(x, m, s).to(dtype_for_bits(bits))
 
 

@@ -2,8 +2,8 @@
 (``a * sigmoid(b)`` of the two halves of one tensor).
 
 Sigmoid is ``1 / (1 + exp(-x))``, computed on the integer exponent of
-:mod:`qpipe.ir.ops.iexp` from ``e = exp(-|x| S)`` in Q16 (never overflowing):
-``sigmoid(x) = 2**16 / (2**16 + e)`` for ``x >= 0`` and ``e / (2**16 + e)`` for
+:mod:`qpipe.ir.ops.iexp` from ``e = exp(-|x| S)`` in Q20 (never overflowing):
+``sigmoid(x) = 2**20 / (2**20 + e)`` for ``x >= 0`` and ``e / (2**20 + e)`` for
 ``x < 0``, then one exact round-half-up integer division to ``H`` steps.
 
 * ``sigmoid_int``: output at the fixed scale ``1 / H``, ``H = 2**(bits-1) - 1``
@@ -14,7 +14,7 @@ Sigmoid is ``1 / (1 + exp(-x))``, computed on the integer exponent of
   observed output scale (``ScaleRule.OBSERVED``; the verifier checks ``m 2**-s``
   against ``S_x 2**-15 / S_out``). One rounding at the end, not two.
 
-``(m_e, s_e)`` in each op is the exp stage's dyadic pair of ``S_x log2(e) 2**16``.
+``(m_e, s_e)`` in each op is the exp stage's dyadic pair of ``S_x log2(e) 2**20``.
 """
 from __future__ import annotations
 

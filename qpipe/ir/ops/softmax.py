@@ -3,15 +3,15 @@
 ``softmax_int(x, dim, m, s, bits)``:
 
 1. ``d = x - max(x, dim)``: an integer max-subtraction, so every ``d <= 0``;
-2. ``e = exp_fixed(d, m, s)``: exp in Q16 (see :mod:`qpipe.ir.ops.iexp`; ``(m, s)``
-   is the dyadic pair of ``S_x * log2(e) * 2**16``);
+2. ``e = exp_fixed(d, m, s)``: exp in Q20 (see :mod:`qpipe.ir.ops.iexp`; ``(m, s)``
+   is the dyadic pair of ``S_x * log2(e) * 2**20``);
 3. ``out = round_half_up(e * H / sum(e))`` with ``H = 2**(bits-1) - 1``, by exact
    integer division: ``floor((2 e H + sum) / (2 sum))``.
 
 The output is at the *fixed* scale ``1 / H`` (int8: 1/127, so 1.0 is exactly
 127; int16: 1/32767), whatever the input's scale: the verifier checks the qtype
 against it. Values lie in ``[0, H]``. The input may be up to 32 bits wide (the
-lowering narrows ``m`` so that ``d * m`` fits int64); sums of up to 2**30 Q16
+lowering narrows ``m`` so that ``d * m`` fits int64); sums of up to 2**30 Q20
 terms are exact in int64.
 """
 from __future__ import annotations
@@ -43,11 +43,11 @@ def divide_half_up(num: Tensor, den: Tensor) -> Tensor:
     fixed_scale=lambda v: unit_scale(v["bits"]),
 )
 def softmax_int(x: Tensor, dim: int, m: int, s: int, bits: int) -> Tensor:
-    """Integer softmax over ``dim``: integer max-subtraction, Q16 i-exp, exact division; scale 1/(2**(bits-1)-1)."""
+    """Integer softmax over ``dim``: integer max-subtraction, Q20 i-exp, exact division; scale 1/(2**(bits-1)-1)."""
     x = x.to(torch.int64)
     d = x - x.amax(dim=dim, keepdim=True)
     e = exp_fixed(d, m, s)
-    total = e.sum(dim=dim, keepdim=True)  # >= 2**16: the maximum contributes exp(0) = 1.0
+    total = e.sum(dim=dim, keepdim=True)  # >= 2**20: the maximum contributes exp(0) = 1.0
     h = (1 << (bits - 1)) - 1
     return divide_half_up(e * h, total).to(dtype_for_bits(bits))
 
