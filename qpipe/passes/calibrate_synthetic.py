@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import fetch_attr
 from qpipe.ir.meta import BN_TARGET
-from qpipe.ir.passes import PassContext, PassResult, register
+from qpipe.ir.passes import Opt, PassContext, PassResult, register
 from qpipe.ir.stages import Stage
 from qpipe.passes.calibration import calibrate_from_batches, input_shape
 
@@ -242,8 +242,20 @@ def distill(gm: GraphModule, shape: tuple[int, ...], steps: int, lr: float, init
     "calibrate-synthetic",
     needs=Stage.OBSERVED,
     leaves=Stage.CALIBRATED,
-    options={"batch": 4, "batches": 1, "steps": 50, "length": 128, "lr": 0.1, "init": 0.3, "seed": 0, "input_norm": "auto",
-             "targets": "bn", "ctc_weight": 1.0, "ctc_rate": 0.3, "tv_weight": 0.1},
+    options={
+        "batch": Opt(4, lo=1),
+        "batches": Opt(1, lo=1),
+        "steps": Opt(50, lo=0),
+        "length": Opt(128, lo=2),
+        "lr": Opt(0.1, lo=0, lo_open=True),
+        "init": Opt(0.3, lo=0, lo_open=True),
+        "seed": Opt(0, lo=0, hi=2**62),
+        "input_norm": Opt("auto", choices=("auto", "per_feature", "none")),
+        "targets": "bn",  # checked by the pass (auto, or kinds joined by '+')
+        "ctc_weight": Opt(1.0, lo=0),
+        "ctc_rate": Opt(0.3, lo=0, hi=1, lo_open=True),
+        "tv_weight": Opt(0.1, lo=0),
+    },
 )
 def calibrate_synthetic(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Calibrate on synthetic inputs distilled to match the model's BatchNorm statistics (no data).
