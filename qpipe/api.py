@@ -11,13 +11,13 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.fx import GraphModule
 
 from qpipe.backends import QuantizedModel, SaveRecord, check_available, get_target, open_folder, write_folder
-from qpipe.backends.folder import check_writable
+from qpipe.backends.folder import OutputSlot
 from qpipe.frontends.model import FloatModel
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.passes import Instrumentation, PipelineRun, load_pass_file, parse_pipeline, run_pipeline, check_stages
@@ -118,8 +118,24 @@ def quantize(
     check_available(backend)
     if not isinstance(model, FloatModel):
         check_stages(pipeline, Stage.FLOAT)
-    if output:
-        check_writable(output, force)
+    if isinstance(model, (str, os.PathLike)):  # the archive and its model kind: seconds, not NeMo's import
+        from qpipe.frontends.nemo import check_supported, read_nemo_config
+
+        check_supported(str(model), read_nemo_config(str(model)))
+    # OUT's temp folder now: an OUT that cannot be written fails before the slow work,
+    # and a run that fails (or is interrupted) later leaves nothing behind.
+    slot = OutputSlot(output, force) if output else None
+    try:
+        return _quantize(model, pipeline, backend, slot, example_inputs, load, instrument, progress, log)
+    except BaseException:
+        if slot is not None:
+            slot.discard()
+        raise
+
+
+def _quantize(model: ModelLike, pipeline, backend, slot: Optional[OutputSlot], example_inputs, load, instrument,
+              progress: bool, log: Callable[[str], None]) -> QuantizeResult:
+    output = slot.given if slot is not None else None
     started = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):
         log(f"loading and exporting {model} ...")
@@ -168,9 +184,9 @@ def quantize(
             time_multiple=fm.time_multiple,
             input_shape=list(fm.input_shape),
             featurizer_state=fm.featurizer_state,
-            extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load]},
+            extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load]}
         )
-        result.output = write_folder(output, gm, record, fm.example_inputs[0], report, target=backend, force=force)
+        result.output = write_folder(output, gm, record, fm.example_inputs[0], report, target=backend, slot=slot)
     return result
 
 
@@ -195,13 +211,12 @@ def format_report(fm: FloatModel, run: PipelineRun, metrics: dict[str, Any]) -> 
     return "\n".join(lines) + "\n"
 
 
-def transcribe(model: Union[str, QuantizedModel], audio_paths: Sequence[str],
-               lm: Optional[str] = None, alpha: float = 0.8, beta: float = 1.5,
-               beam: Optional[int] = None) -> list[str]:
-    """Float mel features -> integer logits (any target's output folder) -> CTC decoding.
-
-    Greedy by default; with ``lm`` (an ARPA file) or ``beam``, prefix beam search on the
-    logits times their output scale (qpipe.asr.decode.BeamSearchDecoder).
+def transcribe_each(model: Union[str, QuantizedModel], audio_paths: Sequence[str],
+                    lm: Optional[str] = None, alpha: float = 0.8, beta: float = 1.5,
+                    beam: Optional[int] = None) -> Iterator[tuple[str, Optional[str], Optional[str]]]:
+    """``(path, text, None)`` for each file that transcribes, ``(path, None, error)`` for
+    each that cannot (missing, not audio, too short), in order; one bad file does not
+    stop the others. A bad model folder or LM raises before the first file.
     """
     from qpipe.asr.decode import Decoding
 
@@ -210,7 +225,31 @@ def transcribe(model: Union[str, QuantizedModel], audio_paths: Sequence[str],
     qm = model if isinstance(model, QuantizedModel) else open_folder(str(model))
     featurizer = qm.featurizer()
     decode = decoding.decoder_for(qm.vocabulary, qm.output_scale)
+
+    def each() -> Iterator[tuple[str, Optional[str], Optional[str]]]:
+        for path in audio_paths:
+            try:
+                features = featurizer.file(path)
+            except QpipeError as exc:  # this file's problem; the model is fine
+                yield path, None, str(exc)
+                continue
+            yield path, decode(qm.logits_int(features)), None
+
+    return each()
+
+
+def transcribe(model: Union[str, QuantizedModel], audio_paths: Sequence[str],
+               lm: Optional[str] = None, alpha: float = 0.8, beta: float = 1.5,
+               beam: Optional[int] = None) -> list[str]:
+    """Float mel features -> integer logits (any target's output folder) -> CTC decoding.
+
+    Greedy by default; with ``lm`` (an ARPA file) or ``beam``, prefix beam search on the
+    logits times their output scale (qpipe.asr.decode.BeamSearchDecoder). The first
+    file that cannot be transcribed raises (:func:`transcribe_each` goes on instead).
+    """
     texts = []
-    for path in audio_paths:
-        texts.append(decode(qm.logits_int(featurizer.file(path))))
+    for _path, text, error in transcribe_each(model, audio_paths, lm=lm, alpha=alpha, beta=beta, beam=beam):
+        if error is not None:
+            raise QpipeError(error)
+        texts.append(text)
     return texts

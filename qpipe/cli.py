@@ -16,13 +16,25 @@ from qpipe.ir.errors import QpipeError
 SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval", "lm")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``qpipe: error: ...`` line and exit 2, like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"qpipe: error: {message} (see {self.prog} --help)\n")
+
+
+def _other_commands() -> str:
+    """The epilog's list of subcommands, from SUBCOMMANDS (so a new one is listed without editing this)."""
+    return "other commands: qpipe " + "|".join(c for c in SUBCOMMANDS if c != "run") + " --help"
+
+
 def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qpipe",
         description="Quantize a speech recognition model to integer-only INT8 with no real data.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="targets: --target NAME picks what -o writes (default: reference); --list-targets lists them\n"
-        "other commands: qpipe transcribe|inspect|diff|eval|lm --help",
+        + _other_commands(),
     )
     p.add_argument("model", nargs="?", help="a .nemo CTC model")
     p.add_argument("--passes", default="default", help="pipeline string, e.g. 'default' or 'fold-bn,insert-observers{act=minmax},...'")
@@ -56,6 +68,16 @@ def list_targets_text() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_folder_arg(flag: str, path: str) -> None:
+    """A folder argument that will be written: neither it nor a folder above it may be a file."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        where = "" if p == os.path.abspath(path) else f" ({p} is a file)"
+        raise QpipeError(f"{flag} {path}: not a folder{where}")
+
+
 def cmd_run(argv: Sequence[str]) -> int:
     args = _run_parser().parse_args(argv)
     if args.list_targets:
@@ -79,6 +101,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         return 0
     if not args.model:
         raise QpipeError("no model given (usage: qpipe MODEL.nemo --passes default -o OUT)")
+    if args.dump_dir:
+        _check_folder_arg("--dump-dir", args.dump_dir)
     from qpipe.api import quantize
 
     instrument = Instrumentation(
@@ -108,23 +132,30 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_transcribe(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph; greedy CTC, or beam search with a word LM).")
+    p = ArgumentParser(prog="qpipe transcribe", description="Transcribe audio with a quantized model (integer graph; greedy CTC, or beam search with a word LM).")
     p.add_argument("model", help="an output folder written by qpipe -o (any target)")
     p.add_argument("audio", nargs="+", help="audio files (wav/flac; resampled to the model's rate)")
     from qpipe.asr.evaluate import add_decoding_arguments
 
     add_decoding_arguments(p)
     args = p.parse_args(argv)
-    from qpipe.api import transcribe
+    from qpipe.api import transcribe_each
 
-    texts = transcribe(args.model, args.audio, lm=args.lm, alpha=args.lm_alpha, beta=args.lm_beta, beam=args.beam)
-    for path, text in zip(args.audio, texts):
-        print(f"{path}\t{text}")
+    failed = 0
+    for path, text, error in transcribe_each(args.model, args.audio, lm=args.lm, alpha=args.lm_alpha, beta=args.lm_beta, beam=args.beam):
+        if error is None:
+            print(f"{path}\t{text}", flush=True)
+        else:
+            failed += 1
+            print(f"qpipe: error: {error}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"qpipe: {failed} of {len(args.audio)} files failed", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_inspect(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="qpipe inspect", description="Per-layer table: op, shapes, bits, scales, saturation.")
+    p = ArgumentParser(prog="qpipe inspect", description="Per-layer table: op, shapes, bits, scales, saturation.")
     p.add_argument("path", metavar="PATH", help="an output folder (any target), a .nemo model, or an IR dump (.txt)")
     p.add_argument("--passes", help="for a model: run this pipeline first (e.g. default)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
@@ -139,7 +170,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
 
 
 def cmd_diff(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="qpipe diff", description="Which nodes two graphs add, remove or change.")
+    p = ArgumentParser(prog="qpipe diff", description="Which nodes two graphs add, remove or change.")
     p.add_argument("a", help="output folder or IR dump (.txt) from --dump-dir")
     p.add_argument("b")
     p.add_argument("--text", action="store_true", help="also print a unified diff of the printed IR")
@@ -161,7 +192,7 @@ def cmd_diff(argv: Sequence[str]) -> int:
 
 
 def cmd_lm(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="qpipe lm",
         description="Build a word n-gram LM (interpolated Kneser-Ney, ARPA format) for qpipe eval/transcribe --lm.",
         epilog="example: qpipe lm train_manifest.json -o lm.arpa.gz --order 3",
@@ -188,7 +219,7 @@ def cmd_lm(argv: Sequence[str]) -> int:
 def cmd_eval(argv: Sequence[str]) -> int:
     from qpipe.asr.evaluate import main as eval_main
 
-    return eval_main(argv)
+    return eval_main(argv, parser_class=ArgumentParser)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -143,12 +143,35 @@ class Utterance:
     audio_seconds: float = 0.0
 
 
-def _check_inputs(entries: list[dict[str, Any]], manifest: str) -> None:
+def _check_inputs(entries: list[dict[str, Any]], manifest: str) -> list:
+    """Every entry's text is text and its audio is there and readable (headers only: fast)."""
+    from qpipe.frontends.audio import audio_info
+
+    infos = []
     for i, item in enumerate(entries, 1):
         if not isinstance(item.get("text") or "", str):
             raise QpipeError(f"{manifest}: entry {i} has a non-text 'text' field")
         if not os.path.isfile(item["audio_filepath"]):
             raise QpipeError(f"{manifest}: entry {i}: no such audio file: {item['audio_filepath']}")
+        try:
+            infos.append(audio_info(item["audio_filepath"]))
+        except QpipeError as exc:
+            raise QpipeError(f"{manifest}: entry {i}: {exc}") from None
+    return infos
+
+
+def _check_lengths(entries: list[dict[str, Any]], infos: list, manifest: str, preprocessor: dict[str, Any], min_frames: int) -> None:
+    """Audio too short for any model fails now, naming the entry and the minimum, not mid-run."""
+    from qpipe.frontends.mel import frame_geometry, min_samples_for, stft_frames, too_short
+
+    sr = int(preprocessor.get("sample_rate", 16000))
+    geometry = frame_geometry(preprocessor)
+    for i, (item, info) in enumerate(zip(entries, infos), 1):
+        samples = info.samples_at(sr)
+        frames = stft_frames(samples, *geometry)
+        if frames < min_frames:
+            raise too_short(f"{manifest}: entry {i}: {item['audio_filepath']}", samples, frames, min_frames,
+                            min_samples_for(min_frames, *geometry), sr)
 
 
 def evaluate(
@@ -168,18 +191,25 @@ def evaluate(
     entries = read_manifest(manifest)
     if limit is not None:
         entries = entries[:limit]
-    _check_inputs(entries, manifest)
+    infos = _check_inputs(entries, manifest)
 
-    # Cheap checks first (qpipe.json, the .nemo's config), then the slow loads.
+    # Cheap checks first (qpipe.json, the .nemo's config, audio lengths), then the slow loads.
     quantized = [_quantized_candidate(p) for p in out_paths]
+    # Every model sees the same utterances: the longest minimum of them all applies to all.
+    min_frames = max([2] + [c.info["_qm"].min_frames for c in quantized])
+    first_preprocessor = quantized[0].preprocessor if quantized else None
     if float_path is not None:
         import tarfile
 
-        from qpipe.frontends.nemo import check_supported, read_nemo_config
+        from qpipe.frontends.nemo import _plain, check_supported, read_nemo_config
 
         if os.path.isfile(float_path) and not tarfile.is_tarfile(float_path):
             raise QpipeError(f"{float_path} is not a .nemo file (not a tar archive)")
-        check_supported(float_path, read_nemo_config(float_path))
+        cfg = read_nemo_config(float_path)
+        check_supported(float_path, cfg)
+        first_preprocessor = _plain(cfg.get("preprocessor")) or first_preprocessor
+    if first_preprocessor:
+        _check_lengths(entries, infos, manifest, first_preprocessor, min_frames)
     cands: list[Candidate] = ([_float_candidate(float_path)] if float_path is not None else []) + quantized
     for c in quantized:
         _load_program(c)
@@ -207,8 +237,10 @@ def evaluate(
         # Quantized outputs alone use their saved front end (no NeMo import); a group
         # with the float model uses NeMo's own, so both see identical features.
         if all(m.kind == "quantized" for m in members):
-            return members[0].info["_qm"].featurizer()
-        return NemoFeaturizer(members[0].preprocessor)
+            featurizer = members[0].info["_qm"].featurizer()
+            featurizer.min_frames = max(featurizer.min_frames, min_frames)
+            return featurizer
+        return NemoFeaturizer(members[0].preprocessor, min_frames=min_frames)
 
     featurizers = [(featurizer_for(members), members) for members in groups.values()]
     decoders = {id(c): decoding.decoder_for(c.vocabulary, c.logit_scale) for c in cands}
@@ -229,11 +261,11 @@ def evaluate(
                 if not utt.audio_seconds:
                     utt.audio_seconds = len(audio_cache[sr]) / sr
             if not warmed:  # first calls pay one-time costs (allocator, kernels); keep them out of the RTF
-                features = featurizer(audio_cache[sr])
+                features = featurizer(audio_cache[sr], name=path)
                 for c in members:
                     c.forward(features)
             started = time.perf_counter()
-            features = featurizer(audio_cache[sr])
+            features = featurizer(audio_cache[sr], name=path)
             feature_s = time.perf_counter() - started
             for c in members:
                 c.feature_seconds += feature_s
@@ -460,8 +492,8 @@ def decoding_from_args(args: argparse.Namespace) -> Decoding:
     return decoding
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(
         prog="qpipe eval",
         description=(
             "WER, CER and real-time factor of a float .nemo model and its quantized output folders, "
@@ -482,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def main(argv: Optional[Sequence[str]] = None, parser_class: type = argparse.ArgumentParser) -> int:
+    """``qpipe eval``; ``parser_class``: the CLI's parser (usage errors as one ``qpipe: error:`` line)."""
+    args = build_parser(parser_class).parse_args(list(sys.argv[1:] if argv is None else argv))
     from qpipe.backends.folder import is_output_folder
 
     if os.path.isdir(args.model):

@@ -95,10 +95,140 @@ def _optional_versions() -> dict[str, str]:
     return out
 
 
+def _first_existing(path: str) -> str:
+    while not os.path.exists(path):
+        up = os.path.dirname(path)
+        if up == path:
+            break
+        path = up
+    return path
+
+
 def check_writable(out_dir: str, force: bool = False) -> None:
-    """Fail early (before any slow work) when OUT exists and may not be replaced."""
-    if os.path.exists(out_dir) and not force and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        raise QpipeError(f"output {out_dir} already exists (use --force to replace it)")
+    """Fail early (before any slow work) when OUT cannot be written.
+
+    OUT that exists may be replaced with ``force`` (an empty folder always); OUT
+    that is a file never is (``-o`` names a folder). The nearest folder above OUT
+    that exists must be a folder: a file in the way is said now, not after the run.
+    Whether the file system lets us write is found out by :class:`OutputSlot`,
+    which makes the temp folder.
+    """
+    out = os.path.abspath(out_dir)
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise QpipeError(f"output {out_dir} is a file, not a folder (-o names a folder to write)")
+        if not force and os.listdir(out):
+            raise QpipeError(f"output {out_dir} already exists (use --force to replace it)")
+    above = _first_existing(os.path.dirname(out))
+    if not os.path.isdir(above):
+        raise QpipeError(f"cannot write {out_dir}: {above} is a file, not a folder")
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+class OutputSlot:
+    """OUT's temporary folder beside it, made first, so that an output that cannot be
+    written (read-only file system, no permission, a file in the way) fails before
+    the model is loaded. :func:`write_folder` fills it and renames it to OUT;
+    :meth:`discard` (or leaving the ``with`` block by an exception, Ctrl-C too)
+    removes it and any parent folders it made, so a failed run writes nothing.
+    """
+
+    def __init__(self, out_dir: str, force: bool = False):
+        check_writable(out_dir, force)
+        self.given = out_dir
+        self.out_dir = os.path.abspath(out_dir)
+        self.force = force
+        self._made: list[str] = []
+        parent = os.path.dirname(self.out_dir)
+        missing = []
+        p = parent
+        while not os.path.exists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        try:
+            for d in reversed(missing):
+                os.mkdir(d)
+                self._made.append(d)
+            self.tmp = tempfile.mkdtemp(prefix=".qpipe-tmp-", dir=parent)
+        except OSError as exc:
+            self._remove_made()
+            where = exc.filename or parent
+            raise QpipeError(f"cannot write {out_dir}: {_os_reason(exc)} ({where})") from None
+
+    def _remove_made(self) -> None:
+        for d in reversed(self._made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        self._made = []
+
+    def discard(self) -> None:
+        if getattr(self, "tmp", None):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = ""
+        self._remove_made()
+
+    def commit(self) -> str:
+        """Replace OUT by the filled temp folder (OUT is checked again: it may have appeared meanwhile)."""
+        check_writable(self.out_dir, self.force)
+        if os.path.exists(self.out_dir):
+            shutil.rmtree(self.out_dir)
+        os.chmod(self.tmp, 0o755)
+        os.replace(self.tmp, self.out_dir)
+        self.tmp = ""
+        self._made = []
+        return self.out_dir
+
+    def __enter__(self) -> "OutputSlot":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+
+
+def min_time_of(gm: GraphModule, time_dim: Optional[int]) -> Optional[int]:
+    """The fewest time steps the graph takes: the lower bound export derived for the
+    input's time axis (a conv stack's guard, e.g. ``T >= 5``), so that too-short audio
+    is refused in words before the program's guard fails."""
+    if time_dim is None:
+        return None
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() <= time_dim:
+            return None
+        dim = val.shape[time_dim]
+        if isinstance(dim, int):
+            return int(dim)
+        try:
+            lower = dim.node.shape_env.bound_sympy(dim.node.expr).lower
+            return int(lower) if str(lower).lstrip("-").isdigit() else None
+        except Exception:  # a shape env torch does not expose as expected: no minimum recorded
+            return None
+    return None
+
+
+# Fields of qpipe.json that say when and how fast a run was, not what it produced.
+TIMING_FIELDS = ("created", "passes[].seconds", "passes[].verify_seconds",
+                 "metrics.load_seconds", "metrics.pipeline_seconds", "metrics.verify_seconds")
+
+
+def without_timing(meta: dict[str, Any]) -> dict[str, Any]:
+    """``qpipe.json`` without :data:`TIMING_FIELDS`: equal for two runs of the same model, pipeline and seed."""
+    out = json.loads(json.dumps(meta))
+    out.pop("created", None)
+    for rec in out.get("passes") or []:
+        rec.pop("seconds", None)
+        rec.pop("verify_seconds", None)
+    for key in ("load_seconds", "pipeline_seconds", "verify_seconds"):
+        (out.get("metrics") or {}).pop(key, None)
+    return out
 
 
 def write_folder(
@@ -109,18 +239,17 @@ def write_folder(
     report: str,
     target: str | Target = DEFAULT_TARGET,
     force: bool = False,
+    slot: Optional[OutputSlot] = None,
 ) -> str:
-    """Write OUT for ``target`` atomically (into a temp folder beside it, renamed at the end)."""
+    """Write OUT for ``target`` atomically (into a temp folder beside it, renamed at the end).
+
+    ``slot``: the temp folder made before the slow work (:class:`OutputSlot`); without
+    one it is made now.
+    """
     tgt = get_target(target) if isinstance(target, str) else target
     check_available(tgt)
-    out_dir = os.path.abspath(out_dir)
-    check_writable(out_dir, force)
-    parent = os.path.dirname(out_dir)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise QpipeError(f"cannot write {out_dir}: cannot create folder {parent}: {exc.strerror}") from None
-    tmp = tempfile.mkdtemp(prefix=".qpipe-tmp-", dir=parent)
+    slot = slot if slot is not None else OutputSlot(out_dir, force)
+    tmp = slot.tmp
     try:
         tgt.write(tmp, gm, record, example)
         if record.featurizer_state:
@@ -132,7 +261,8 @@ def write_folder(
             "pipeline": record.pipeline,
             "passes": record.passes,
             "source": {"path": record.source, "sha256": file_sha256(record.source), "kind": record.kind},
-            "input": {"shape": record.input_shape, "time_dim": record.time_dim, "time_multiple": record.time_multiple},
+            "input": {"shape": record.input_shape, "time_dim": record.time_dim, "time_multiple": record.time_multiple,
+                      "min_time": min_time_of(gm, record.time_dim)},
             "outputs": _jsonable(gm.meta.get("qpipe_outputs", [])),
             "float_tail": gm.meta.get("qpipe_float_tail", []),
             "preprocessor": record.preprocessor,
@@ -152,14 +282,13 @@ def write_folder(
             f.write(print_ir(gm, with_provenance=True, include_params=False))
         with open(os.path.join(tmp, "report.txt"), "w", encoding="utf-8") as f:
             f.write(report)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out_dir)
+        return slot.commit()
+    except OSError as exc:
+        slot.discard()
+        raise QpipeError(f"cannot write {out_dir}: {_os_reason(exc)} ({exc.filename or tmp})") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        slot.discard()
         raise
-    return out_dir
 
 
 # --------------------------------------------------------------------------- opening
@@ -218,8 +347,21 @@ class QuantizedModel:
         state = None
         path = os.path.join(self.path, "frontend.pt")
         if os.path.isfile(path):
-            state = torch.load(path, weights_only=True)
-        return make_featurizer(self.meta.get("preprocessor"), state)
+            try:
+                state = torch.load(path, weights_only=True)
+            except Exception as exc:
+                raise QpipeError(f"{path} is corrupt: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+        return make_featurizer(self.meta.get("preprocessor"), state, min_frames=self.min_frames)
+
+    @property
+    def min_frames(self) -> int:
+        """The fewest feature frames this model takes: its program's lower bound on T
+        (``input.min_time``; 2 for folders written before it was recorded), rounded up
+        to the time multiple the frames are cut to."""
+        inp = self.meta.get("input", {}) or {}
+        multiple = int(inp.get("time_multiple", 1) or 1)
+        least = max(2, int(inp.get("min_time") or 2), multiple)
+        return -(-least // multiple) * multiple
 
     @property
     def output_scale(self) -> float:
@@ -234,8 +376,15 @@ class QuantizedModel:
         """Integer logits (B, T', V) for float features (B, F, T); T is cut to the model's time multiple."""
         multiple = int(self.meta.get("input", {}).get("time_multiple", 1) or 1)
         t = (features.shape[2] // multiple) * multiple
+        if t < self.min_frames:
+            raise QpipeError(f"input too short: {features.shape[2]} feature frames; this model needs at least {self.min_frames}")
         with torch.no_grad():
-            return self.runner.logits_int(features[:, :, :t].contiguous())
+            try:
+                return self.runner.logits_int(features[:, :, :t].contiguous())
+            except Exception as exc:  # a folder without input.min_time: the program's own guard
+                if "Guard failed" not in str(exc) and "guard" not in str(exc).lower():
+                    raise
+                raise QpipeError(f"input of {t} feature frames rejected by the model: {str(exc).splitlines()[0]}") from None
 
 
 def open_folder(path: str) -> QuantizedModel:

@@ -7,6 +7,7 @@ the integer program, so ``qpipe transcribe`` needs neither NeMo nor its 9 s impo
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,15 @@ def stft_frames(samples: int, n_fft: int, hop: int, pad_amount: int) -> int:
 def min_samples_for(frames: int, n_fft: int, hop: int, pad_amount: int) -> int:
     """The fewest samples that give ``frames`` frames (inverse of :func:`stft_frames`)."""
     return max(1, frames * hop + n_fft - pad_amount)
+
+
+def frame_geometry(preprocessor_cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """(n_fft, hop, pad_amount) of a NeMo preprocessor config, as :func:`stft_frames` takes them."""
+    sr = int(preprocessor_cfg.get("sample_rate", 16000))
+    hop = int(round(float(preprocessor_cfg.get("window_stride", 0.01)) * sr))
+    win = int(round(float(preprocessor_cfg.get("window_size", 0.02)) * sr))
+    n_fft = int(preprocessor_cfg.get("n_fft") or 2 ** math.ceil(math.log2(max(win, 2))))
+    return n_fft, hop, n_fft // 2 * 2
 
 
 class MelFeaturizer:

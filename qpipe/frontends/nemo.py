@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import tarfile
 import warnings
@@ -25,9 +24,9 @@ from qpipe.frontends.model import FloatModel
 from qpipe.ir.errors import QpipeError
 
 SUPPORTED_CLASSES = {"EncDecCTCModel", "EncDecCTCModelBPE"}
-_UNSUPPORTED_HINTS = {
-    "RNNT": "an RNN-T (transducer) model",
+_UNSUPPORTED_HINTS = {  # the first key the class name contains wins: Hybrid before RNNT
     "Hybrid": "a hybrid RNN-T/CTC model",
+    "RNNT": "an RNN-T (transducer) model",
     "Classification": "a classification model",
     "Speaker": "a speaker model",
     "Diariz": "a diarization model",
@@ -216,10 +215,9 @@ class NemoFeaturizer:
         cfg["dither"] = 0.0
         self.sample_rate = int(cfg.get("sample_rate", 16000))
         self.min_frames = max(2, int(min_frames))
-        hop = int(round(float(cfg.get("window_stride", 0.01)) * self.sample_rate))
-        win = int(round(float(cfg.get("window_size", 0.02)) * self.sample_rate))
-        n_fft = int(cfg.get("n_fft") or 2 ** math.ceil(math.log2(win)))
-        self._frames = (n_fft, hop, n_fft // 2 * 2)  # as frontends.mel counts them (center padding)
+        from qpipe.frontends.mel import frame_geometry
+
+        self._frames = frame_geometry(cfg)  # as frontends.mel counts them (center padding)
         with quiet_nemo():
             from omegaconf import OmegaConf
             from nemo.collections.asr.modules import AudioToMelSpectrogramPreprocessor
