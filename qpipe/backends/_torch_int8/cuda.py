@@ -1,0 +1,248 @@
+"""CUDA kernels of the torch-int8 program: ``torch._int_mm`` (cuBLASLt int8 GEMM,
+int32 out) for pointwise convolutions, linears and (through im2col) other dense
+convolutions; Triton kernels for the depthwise convolution (int32 accumulators,
+requantization fused) and the per-channel requantization of a GEMM's output.
+
+Everything is integer arithmetic (int32 accumulators, int64 requantization with
+two's-complement wrap and arithmetic shifts, as torch's int64 ops), so no cuDNN
+algorithm choice (FFT, Winograd, TF32) can round anything. Without Triton the
+requantization runs as torch int64 ops and the depthwise convolution as an
+unfold + int32 multiply-sum: the same integers, slower.
+
+Written without a GPU at hand: ``tools/bench/torch_int8_cuda_check.py`` checks it
+bit for bit against the CPU reference and times it where CUDA exists.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
+
+I32_EXACT = 1 << 31
+
+try:  # Triton is optional; a CPU-only machine has none
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001
+    triton = None
+    tl = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _requant_cols_kernel(acc_ptr, out_ptr, bias_ptr, m_ptr, s_ptr, M, N, lo, hi,
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = rm < M
+        mask_n = rn < N
+        mask = mask_m[:, None] & mask_n[None, :]
+        v = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.int64)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + rn, mask=mask_n, other=0).to(tl.int64)[None, :]
+        m = tl.load(m_ptr + rn, mask=mask_n, other=0)
+        s = tl.load(s_ptr + rn, mask=mask_n, other=0)
+        half = tl.where(s > 0, tl.full(s.shape, 1, tl.int64) << tl.maximum(s - 1, 0), tl.zeros(s.shape, tl.int64))
+        p = v * m[None, :] + half[None, :]
+        r = p >> s[None, :]
+        r = tl.minimum(tl.maximum(r, lo), hi)
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], r.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dw_conv1d_rq_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, s_ptr, out_ptr, T, C, Tout, K, stride, pad, dil, lo, hi,
+                             HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        # x: (B, T, C) int8 channels-last; w: (K, C) int32; out: (B, Tout, C)
+        b = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        pid_c = tl.program_id(2)
+        rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = rc < C
+        mask_t = rt < Tout
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.int32)
+        x_base = x_ptr + b.to(tl.int64) * T * C
+        for k in range(0, K):
+            tin = rt * stride - pad + k * dil
+            ok = (tin >= 0) & (tin < T) & mask_t
+            xv = tl.load(x_base + tin[:, None] * C + rc[None, :], mask=ok[:, None] & mask_c[None, :], other=0).to(tl.int32)
+            wv = tl.load(w_ptr + k * C + rc, mask=mask_c, other=0)
+            acc += xv * wv[None, :]
+        v = acc.to(tl.int64)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + rc, mask=mask_c, other=0).to(tl.int64)[None, :]
+        m = tl.load(m_ptr + rc, mask=mask_c, other=0)
+        s = tl.load(s_ptr + rc, mask=mask_c, other=0)
+        half = tl.where(s > 0, tl.full(s.shape, 1, tl.int64) << tl.maximum(s - 1, 0), tl.zeros(s.shape, tl.int64))
+        r = (v * m[None, :] + half[None, :]) >> s[None, :]
+        r = tl.minimum(tl.maximum(r, lo), hi)
+        o_base = out_ptr + b.to(tl.int64) * Tout * C
+        tl.store(o_base + rt[:, None] * C + rc[None, :], r.to(out_ptr.dtype.element_ty),
+                 mask=mask_t[:, None] & mask_c[None, :])
+
+
+def _per_channel(t: Tensor, c: int, device) -> Tensor:
+    return t.to(torch.int64).reshape(-1).expand(c).contiguous().to(device)
+
+
+class CudaRequant:
+    """Per-column requantization of an (N, C) int32/int64 accumulator on the GPU."""
+
+    def __init__(self, device, c: int, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int):
+        self.c, self.lo, self.hi, self.bits = c, int(lo), int(hi), int(bits)
+        self.m, self.s = _per_channel(m, c, device), _per_channel(s, c, device)
+        self.bias = bias.to(torch.int64).reshape(-1).contiguous().to(device) if bias is not None else None
+        self.dtype = dtype_for_bits(self.bits)
+        self.triton = triton is not None and bool(((self.s >= 0) & (self.s <= 63)).all()) and self.bits <= 16
+
+    def __call__(self, acc: Tensor) -> Tensor:
+        if self.triton and acc.dtype in (torch.int32, torch.int64):
+            acc = acc.contiguous()
+            M, N = acc.shape
+            out = torch.empty((M, N), dtype=self.dtype, device=acc.device)
+            grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
+            _requant_cols_kernel[grid](acc, out, self.bias if self.bias is not None else self.m, self.m, self.s, M, N,
+                                       self.lo, self.hi, HAS_BIAS=self.bias is not None, BLOCK_M=64, BLOCK_N=64)
+            return out
+        acc = acc.to(torch.int64)
+        if self.bias is not None:
+            acc = acc + self.bias
+        return requant_reference(acc, self.m, self.s, 1, self.lo, self.hi).to(self.dtype)
+
+
+class CudaIntMM:
+    """``x (M, K) int8 @ w.T`` -> int32 with cuBLASLt; pads to m > 16 and k, n multiples of 8."""
+
+    def __init__(self, w: Tensor, device):
+        self.n, self.k = w.shape
+        self.kp, self.np = -(-self.k // 8) * 8, -(-self.n // 8) * 8
+        wt = torch.zeros(self.kp, self.np, dtype=torch.int8)
+        wt[: self.k, : self.n] = w.t()
+        self.wt = wt.to(device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = x.shape[0]
+        mp = max(m, 17)
+        if mp != m or self.kp != self.k:
+            x = torch.nn.functional.pad(x, (0, self.kp - self.k, 0, mp - m))
+        out = torch._int_mm(x.contiguous(), self.wt)
+        return out[:m, : self.n]
+
+
+class CudaConv1d:
+    """conv1d_rq on channels-last int8: pointwise and dense/grouped via _int_mm (im2col), depthwise via Triton."""
+
+    def __init__(self, device, a: dict[str, Any], x_bits: int):
+        w = a["w"].cpu()
+        self.co, cig, self.kk = w.shape
+        self.stride, self.pad, self.dil = int(a["stride"][0]), int(a["padding"][0]), int(a["dilation"][0])
+        self.groups = int(a["groups"])
+        bias = a.get("bias")
+        bias = bias.cpu() if bias is not None else None
+        bound = int(w.to(torch.int64).abs().reshape(self.co, -1).sum(1).max()) * (1 << (x_bits - 1))
+        if bound >= I32_EXACT or x_bits > 8:
+            raise ValueError("accumulator may exceed int32")
+        self.depthwise = self.groups == self.co and cig == 1
+        self.rq = CudaRequant(device, self.co, bias if not self.depthwise else None, a["m"], a["s"], a["lo"], a["hi"], a["bits"])
+        if self.depthwise:
+            self.kind = "triton-depthwise" if triton is not None else "unfold-int32-depthwise"
+            self.w_kc = w[:, 0, :].t().contiguous().to(torch.int32).to(device)  # (K, C)
+            self.bias = bias.to(torch.int64).to(device) if bias is not None else None
+        else:
+            self.kind = "int_mm" if self.kk == 1 and self.groups == 1 else "im2col-int_mm"
+            g = self.groups
+            self.cog = self.co // g
+            # per group: (Co/g, Ci/g * K) with the reduction index (k, ci) to match the im2col below
+            self.mms = [CudaIntMM(w[i * self.cog:(i + 1) * self.cog].permute(0, 2, 1).reshape(self.cog, -1), device) for i in range(g)]
+
+    def _dw(self, xcl: Tensor) -> Tensor:
+        B, T, C = xcl.shape
+        tout = (T + 2 * self.pad - self.dil * (self.kk - 1) - 1) // self.stride + 1
+        if triton is not None and self.rq.triton:
+            out = torch.empty((B, tout, C), dtype=self.rq.dtype, device=xcl.device)
+            bt, bc = 32, 64
+            grid = (B, triton.cdiv(tout, bt), triton.cdiv(C, bc))
+            _dw_conv1d_rq_kernel[grid](xcl, self.w_kc, self.bias if self.bias is not None else self.rq.m, self.rq.m, self.rq.s, out,
+                                       T, C, tout, self.kk, self.stride, self.pad, self.dil, self.rq.lo, self.rq.hi,
+                                       HAS_BIAS=self.bias is not None, BLOCK_T=bt, BLOCK_C=bc)
+            return out
+        xp = torch.nn.functional.pad(xcl.transpose(1, 2), (self.pad, self.pad)).to(torch.int32)  # (B, C, Tp)
+        u = xp.unfold(2, (self.kk - 1) * self.dil + 1, self.stride)[..., :: self.dil]  # (B, C, Tout, K)
+        acc = (u * self.w_kc.t()[None, :, None, :]).sum(-1, dtype=torch.int64)  # (B, C, Tout)
+        if self.bias is not None:
+            acc = acc + self.bias[None, :, None]
+        return self.rq(acc.transpose(1, 2).reshape(B * tout, C)).view(B, tout, C)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        xcl = x.transpose(1, 2)
+        xcl = xcl if xcl.is_contiguous() else xcl.contiguous()
+        B, T, C = xcl.shape
+        if self.depthwise:
+            return self._dw(xcl).transpose(1, 2)
+        if self.kk == 1 and self.stride == 1 and self.pad == 0:
+            rows, tout = xcl.reshape(B * T, C), T
+            cols = [rows[:, i * (C // self.groups):(i + 1) * (C // self.groups)] for i in range(self.groups)]
+        else:
+            xp = torch.nn.functional.pad(xcl, (0, 0, self.pad, self.pad))  # (B, Tp, C)
+            u = xp.unfold(1, (self.kk - 1) * self.dil + 1, self.stride)[..., :: self.dil]  # (B, Tout, C, K)
+            tout = u.shape[1]
+            cg = C // self.groups
+            cols = [u[:, :, i * cg:(i + 1) * cg, :].permute(0, 1, 3, 2).reshape(B * tout, self.kk * cg) for i in range(self.groups)]
+        acc = torch.cat([mm(c.contiguous()) for mm, c in zip(self.mms, cols)], dim=1) if self.groups > 1 else self.mms[0](cols[0].contiguous())
+        return self.rq(acc).view(B, tout, self.co).transpose(1, 2)
+
+
+class CudaLinear:
+    def __init__(self, device, a: dict[str, Any], x_bits: int):
+        w = a["w"].cpu()
+        bound = int(w.to(torch.int64).abs().sum(1).max()) * (1 << (x_bits - 1))
+        if bound >= I32_EXACT or x_bits > 8:
+            raise ValueError("accumulator may exceed int32")
+        self.n = w.shape[0]
+        self.mm = CudaIntMM(w, device)
+        bias = a.get("bias")
+        self.rq = CudaRequant(device, self.n, bias.cpu() if bias is not None else None, a["m"], a["s"], a["lo"], a["hi"], a["bits"])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        return self.rq(self.mm(x.reshape(-1, x.shape[-1]))).view(*lead, self.n)
+
+
+class CudaBackend:
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def make(self, op: str, a: dict[str, Any], x_bits: int) -> Optional[tuple]:
+        try:
+            if op == "conv1d_rq":
+                k = CudaConv1d(self.device, a, x_bits)
+                return k, ["x"], f"cuda {k.kind}"
+            if op == "linear_rq":
+                return CudaLinear(self.device, a, x_bits), ["x"], "cuda int_mm"
+        except ValueError:
+            return None  # the reference kernel (on the GPU, op by op)
+        if op == "add_requant":
+            ma, mb, s = (a[k].to(torch.int64) for k in ("ma", "mb", "s"))
+            lo, hi, dt = int(a["lo"]), int(a["hi"]), dtype_for_bits(int(a["bits"]))
+
+            def add(x: Tensor, y: Tensor) -> Tensor:
+                return round_shift(x.to(torch.int64) * ma + y.to(torch.int64) * mb, s).clamp(lo, hi).to(dt)
+
+            return add, ["a", "b"], "cuda add-rq (torch int64)"
+        if op == "clamp_int":
+            lo, hi = int(a["lo"]), int(a["hi"])
+            return (lambda x: x.clamp(lo, hi)), ["x"], "clamp"
+        return None
