@@ -163,6 +163,9 @@ def _quantize(model: ModelLike, pipeline, backend, slot: Optional[OutputSlot], e
         if str(graph_stage(gm)) != "integer":
             raise QpipeError(f"-o needs an integer graph, but the pipeline ends at the {graph_stage(gm)} stage")
         log(f"writing {output} (target {backend.name}) ...")
+        from qpipe.report_facts import layer_facts_quietly
+        from qpipe.report_html import write_report_quietly
+
         record = SaveRecord(
             pipeline=run.pipeline.full_string(),
             passes=[
@@ -184,9 +187,11 @@ def _quantize(model: ModelLike, pipeline, backend, slot: Optional[OutputSlot], e
             time_multiple=fm.time_multiple,
             input_shape=list(fm.input_shape),
             featurizer_state=fm.featurizer_state,
-            extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load]}
+            extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load],
+                   **layer_facts_quietly(float_gm, gm, calib)},  # report.html: accumulator proofs, per-layer SQNR
         )
         result.output = write_folder(output, gm, record, fm.example_inputs[0], report, target=backend, slot=slot)
+        write_report_quietly(result.output)  # OUT/report.html; a failure is a warning line, not a failed run
     return result
 
 

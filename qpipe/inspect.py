@@ -11,7 +11,7 @@ import difflib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from qpipe.ir.errors import QpipeError
@@ -24,6 +24,7 @@ class GraphFacts:
     ir_text: str
     metrics: dict[str, Any]
     stage: str
+    layer_facts: dict[str, Any] = field(default_factory=dict)  # qpipe.report_facts: the accumulator proofs, SQNR
 
 
 _LINE = re.compile(r"^%(?P<name>[\w.]+) = (?P<op>[^\s(]+)(?P<rest>.*?)(?: : (?P<type>[^:]+?))?(?:  # from (?P<src>.*))?$")
@@ -61,7 +62,7 @@ def facts_from_path(path: str, passes: Optional[str] = None, progress: bool = Fa
         meta = read_meta(path)
         ir_path = os.path.join(path, "ir.txt")
         ir_text = open(ir_path, encoding="utf-8").read() if os.path.isfile(ir_path) else ""
-        return GraphFacts(path, meta.get("nodes", []), ir_text, meta.get("metrics", {}), "integer")
+        return GraphFacts(path, meta.get("nodes", []), ir_text, meta.get("metrics", {}), "integer", meta.get("layer_facts") or {})
     if os.path.isfile(path) and path.endswith(".txt"):
         text = open(path, encoding="utf-8").read()
         stage = text.splitlines()[0].replace("// stage:", "").strip() if text.startswith("// stage:") else "?"
@@ -78,7 +79,10 @@ def facts_from_path(path: str, passes: Optional[str] = None, progress: bool = Fa
         from qpipe.api import load_model
 
         gm, metrics = load_model(path).gm, {}
-    return GraphFacts(path, node_table(gm), print_ir(gm, with_provenance=True, include_params=False), metrics, str(graph_stage(gm)))
+    from qpipe.report_facts import accumulator_facts
+
+    return GraphFacts(path, node_table(gm), print_ir(gm, with_provenance=True, include_params=False), metrics,
+                      str(graph_stage(gm)), {"accumulators": accumulator_facts(gm)})
 
 
 def _fmt_scale(v: Any) -> str:
@@ -91,9 +95,19 @@ def _fmt_scale(v: Any) -> str:
     return ""
 
 
+def accumulator_rows(facts: GraphFacts) -> dict[str, dict[str, Any]]:
+    """Per weighted layer, the accumulator bound against its limit (qpipe.report_facts.accumulator_table)."""
+    from qpipe.report_facts import accumulator_table
+
+    return accumulator_table(facts.rows, facts.layer_facts)
+
+
 def layer_rows(facts: GraphFacts) -> list[dict[str, Any]]:
     """The inspect table: one row per node that computes (no placeholders or views)."""
     out = []
+    from qpipe.report_facts import fmt_acc
+
+    accs = accumulator_rows(facts)
     for row in facts.rows:
         q = row.get("qparams", {}) or {}
         p = row.get("policy", {}) or {}
@@ -111,6 +125,8 @@ def layer_rows(facts: GraphFacts) -> list[dict[str, Any]]:
                 "w_scale": q.get("w_scale", ""),
                 "out_scale": q.get("out_scale", q.get("scale", "")),
                 "saturation": q.get("saturation", ""),
+                "acc_bound": accs.get(row["name"], {}).get("bound", ""),
+                "acc": fmt_acc(accs.get(row["name"])),
                 "from": ", ".join(row.get("from", [])[:2]),
             }
         )
@@ -131,7 +147,7 @@ def render_inspect(facts: GraphFacts, console=None) -> None:
 
     console = console or make_console()
     table = Table(title=f"{facts.label} ({facts.stage} stage)", show_lines=False)
-    for col in ("node", "op", "out", "bits", "in scale", "w scale", "out scale", "saturated"):
+    for col in ("node", "op", "out", "bits", "in scale", "w scale", "out scale", "saturated", "acc bound (|acc| <= K*max|x|*max|w|+max|b|)"):
         table.add_column(col, no_wrap=True)
     table.add_column("from", overflow="ellipsis", max_width=60, no_wrap=True)
     from rich.markup import escape
@@ -147,9 +163,17 @@ def render_inspect(facts: GraphFacts, console=None) -> None:
             _fmt_scale(r["w_scale"]),
             _fmt_scale(r["out_scale"]),
             f"{sat * 100:.3f}%" if isinstance(sat, (int, float)) else "",
+            escape(r["acc"]),
             escape(r["from"]),
         )
     console.print(table)
+    accs = accumulator_rows(facts)
+    if accs:
+        worst = min(accs, key=lambda n: accs[n]["margin"])
+        over = [n for n, a in accs.items() if not a["fits"]]
+        verdict = (f"{len(over)} of {len(accs)} accumulators can overflow: {', '.join(over)}" if over else
+                   f"all {len(accs)} accumulators fit their signed limit; smallest margin {accs[worst]['margin']:.0f}x at %{worst}")
+        console.print(verdict, highlight=False, markup=False)
     if facts.metrics:
         m = facts.metrics
         if "logprob_sqnr_db" in m:
@@ -170,6 +194,46 @@ def _comparable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in keep.items() if v not in (None, {}, "", [])}
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        if v and all(isinstance(x, (int, float)) for x in v):
+            lo, hi = min(v), max(v)
+            return f"[{_fmt_value(lo)}..{_fmt_value(hi)} x{len(v)}]" if len(v) > 4 else "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+        return "[" + ",".join(str(x) for x in v) + "]" if len(v) <= 8 else f"[{v[0]}, ... x{len(v)}]"
+    return "-" if v is None else str(v)
+
+
+def value_change(field_name: str, old: Any, new: Any) -> dict[str, Any]:
+    """One changed value as ``old -> new``; equal-length number lists say how many entries changed and by how much."""
+    text = f"{_fmt_value(old)} -> {_fmt_value(new)}"
+    change: dict[str, Any] = {"field": field_name, "old": old, "new": new}
+    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and old
+            and all(isinstance(x, (int, float)) for x in old + new)):
+        diffs = [(i, x, y) for i, (x, y) in enumerate(zip(old, new)) if x != y]
+        i, x, y = max(diffs, key=lambda t: abs(t[2] - t[1]) / (abs(t[1]) or 1.0))
+        text = f"{len(diffs)} of {len(old)} changed, largest [{i}] {_fmt_value(x)} -> {_fmt_value(y)}"
+        if x:
+            text += f" ({(y - x) / abs(x) * 100:+.3g}%)"
+        change["changed_entries"] = len(diffs)
+    elif isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool) and old:
+        text += f" ({(new - old) / abs(old) * 100:+.3g}%)"
+    change["text"] = text
+    return change
+
+
 def diff_facts(a: GraphFacts, b: GraphFacts) -> dict[str, Any]:
     ra = {r["name"]: r for r in a.rows}
     rb = {r["name"]: r for r in b.rows}
@@ -180,7 +244,9 @@ def diff_facts(a: GraphFacts, b: GraphFacts) -> dict[str, Any]:
         if name in rb and _comparable(ra[name]) != _comparable(rb[name]):
             ca, cb = _comparable(ra[name]), _comparable(rb[name])
             keys = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
-            changed.append({"name": name, "fields": keys})
+            fa, fb = _flatten(ca), _flatten(cb)
+            values = [value_change(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+            changed.append({"name": name, "fields": keys, "changes": values})
     return {
         "a": a.label,
         "b": b.label,
@@ -207,8 +273,12 @@ def render_diff(d: dict[str, Any], console=None) -> None:
     for r in d["added"]:
         src = f"  (from {', '.join(r['from'][:2])})" if r["from"] else ""
         console.print(f"[green]+ %{r['name']}[/] {r['op']}{src}", highlight=False)
+    from rich.markup import escape
+
     for r in d["changed"]:
-        console.print(f"[yellow]~ %{r['name']}[/] {', '.join(r['fields'])}", highlight=False)
+        console.print(f"[yellow]~ %{escape(r['name'])}[/]", highlight=False)
+        for c in r.get("changes", []):
+            console.print(f"    {escape(c['field'])}: {escape(c['text'])}", highlight=False)
 
 
 def write_json(path: str, obj: Any) -> None:
