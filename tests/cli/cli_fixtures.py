@@ -67,13 +67,23 @@ def tiny_float_model():
     return fm
 
 
+def write_tiny_folder(out: str, fm=None) -> str:
+    """Pipeline + write_folder, without quantize's extras (SQNR, report pages): a second, not ten."""
+    from qpipe.backends import SaveRecord, write_folder
+    from qpipe.ir.passes import run_pipeline
+
+    fm = fm or tiny_float_model()
+    run = run_pipeline(fm.gm, FAST_PIPELINE, state=fm.pipeline_state(), progress=False)
+    record = SaveRecord(pipeline=run.pipeline.full_string(), passes=[], source="", kind=fm.kind,
+                        preprocessor=fm.preprocessor, vocabulary=fm.vocabulary, time_dim=fm.time_dim,
+                        time_multiple=fm.time_multiple, input_shape=list(fm.input_shape),
+                        featurizer_state=fm.featurizer_state)
+    return write_folder(out, run.gm, record, fm.example_inputs[0], "tiny\n")
+
+
 @pytest.fixture(scope="session")
 def quantized_folder(tmp_path_factory) -> str:
-    import qpipe.api as qp
-
-    out = tmp_path_factory.mktemp("q") / "tiny_int8"
-    qp.quantize(tiny_float_model(), FAST_PIPELINE, output=str(out), progress=False)
-    return str(out)
+    return write_tiny_folder(str(tmp_path_factory.mktemp("q") / "tiny_int8"))
 
 
 def write_wav(path, seconds: float = 0.5, sr: int = SAMPLE_RATE, channels: int = 1, samples: int | None = None) -> str:
