@@ -147,7 +147,7 @@ def render_inspect(facts: GraphFacts, console=None) -> None:
 
     console = console or make_console()
     table = Table(title=f"{facts.label} ({facts.stage} stage)", show_lines=False)
-    for col in ("node", "op", "out", "bits", "in scale", "w scale", "out scale", "saturated", "acc bound (|acc| <= K*max|x|*max|w|+max|b|)"):
+    for col in ("node", "op", "out", "bits", "in scale", "w scale", "out scale", "saturated", "acc bound <= limit (margin)"):
         table.add_column(col, no_wrap=True)
     table.add_column("from", overflow="ellipsis", max_width=60, no_wrap=True)
     from rich.markup import escape
