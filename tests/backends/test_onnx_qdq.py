@@ -271,16 +271,13 @@ def test_the_qlinearadd_emulation_is_ort_bit_for_bit():
 @pytest.mark.slow
 def test_demo_quartznet_through_onnx_runtime_is_bit_identical_on_the_heldout_set(tmp_path):
     """``--target onnx-qdq`` on the demo QuartzNet: every conv and add fused, and the held-out integer
-    logits equal the reference's (the fixture's sha256; measured 130 of 130 on x86 AVX2/AVX-512)."""
+    logits equal the reference's from the same run (measured 130 of 130 on x86 AVX2/AVX-512, AMD and Intel)."""
     pytest.importorskip("nemo")
-    import hashlib
-    import json
     from pathlib import Path
 
     from qpipe.backends import open_folder
 
     root = Path(__file__).resolve().parents[2]
-    rows = json.loads((root / "tests" / "fixtures" / "demo_quartznet_heldout_int_logits.json").read_text())
     out = tmp_path / "demo_onnx"
     result = quantize(str(root / "models" / "demo_quartznet.nemo"), passes="default", output=str(out),
                       target="onnx-qdq", progress=False)
@@ -292,18 +289,18 @@ def test_demo_quartznet_through_onnx_runtime_is_bit_identical_on_the_heldout_set
     assert ops["Conv"] == ops["FusedConv"] == ops["DequantizeLinear"] == 0, ops
     qm = open_folder(str(out))
     fz = qm.featurizer()
-    identical, same, frames = 0, 0, 0
-    for row in rows:
-        x = fz.file(str(root / "data" / "eval" / "heldout" / "audio" / row["audio"]))
+    multiple = int(qm.meta["input"]["time_multiple"] or 1)
+    identical, same, frames, worst = 0, 0, 0, 0
+    for audio in sorted((root / "data" / "eval" / "heldout" / "audio").iterdir()):
+        x = fz.file(str(audio))
         got = qm.logits_int(x)
-        if hashlib.sha256(got.contiguous().numpy().tobytes()).hexdigest() == row["sha256"]:
-            identical += 1
-            same += got.shape[1]
-        else:  # within one step and the same greedy tokens is what the issue asks; measure against the reference
-            multiple = int(qm.meta["input"]["time_multiple"] or 1)
-            with torch.no_grad():
-                ref = result.gm(x[:, :, : (x.shape[2] // multiple) * multiple].contiguous())
-            same += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        with torch.no_grad():  # the reference program of the same run (calibration differs by CPU, so no fixture)
+            ref = result.gm(x[:, :, : (x.shape[2] // multiple) * multiple].contiguous())
+        assert got.shape == ref.shape
+        identical += int(torch.equal(got, ref))
+        worst = max(worst, int((got.to(torch.int64) - ref.to(torch.int64)).abs().max()))
+        same += int((ref.argmax(-1) == got.argmax(-1)).sum())
         frames += got.shape[1]
+    assert identical == 130 or worst <= 1, f"{130 - identical} utterances differ, by up to {worst} steps"
     assert same / frames >= 0.99
-    assert identical >= 0.95 * len(rows), f"{identical} of {len(rows)} utterances bit-identical"
+    assert identical >= 0.95 * 130, f"{identical} of 130 utterances bit-identical"
