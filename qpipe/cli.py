@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from qpipe import __version__
 from qpipe.ir.errors import QpipeError
 
-SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval", "lm", "report")
+SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval", "lm")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -78,6 +78,13 @@ def _check_folder_arg(flag: str, path: str) -> None:
         raise QpipeError(f"{flag} {path}: not a folder{where}")
 
 
+def _option_text(spec, key: str) -> str:
+    """``steps=50 (>= 0)``: the default and, where declared, the values allowed."""
+    opt = spec.option_specs.get(key)
+    limits = opt.describe_range() if opt is not None else ""
+    return f"{key}={spec.options[key]}" + (f" ({limits})" if limits else "")
+
+
 def cmd_run(argv: Sequence[str]) -> int:
     args = _run_parser().parse_args(argv)
     if args.list_targets:
@@ -95,7 +102,7 @@ def cmd_run(argv: Sequence[str]) -> int:
             leaves = str(spec.leaves) if spec.leaves is not None else "same"
             print(f"{spec.name:<22} {needs:>10} -> {leaves:<10} {spec.summary}")
             if spec.options:
-                print(" " * 23 + "options: " + ", ".join(f"{k}={v}" for k, v in spec.options.items()))
+                print(" " * 23 + "options: " + ", ".join(_option_text(spec, k) for k in spec.options))
         for name, text in sorted(named_pipelines().items()):
             print(f"pipeline {name}: {text}")
         return 0
@@ -216,20 +223,6 @@ def cmd_lm(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_report(argv: Sequence[str]) -> int:
-    p = ArgumentParser(prog="qpipe report", description="(Re)write OUT/report.html: one self-contained page with the "
-                                "pipeline, both graphs, per-layer plots, the accumulator proofs and the WER table.")
-    p.add_argument("out", metavar="OUT", help="an output folder written by qpipe -o (any target)")
-    p.add_argument("--eval", action="append", default=[], metavar="JSON",
-                   help="a qpipe eval --json result to show (repeatable; any in OUT are picked up too)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the page here instead of OUT/report.html")
-    args = p.parse_args(argv)
-    from qpipe.report_html import write_report
-
-    print(f"wrote {write_report(args.out, args.eval, args.output)}")
-    return 0
-
-
 def cmd_eval(argv: Sequence[str]) -> int:
     from qpipe.asr.evaluate import main as eval_main
 
@@ -241,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "run"
     if argv and argv[0] in SUBCOMMANDS:
         command = argv.pop(0)
-    handler = {"run": cmd_run, "transcribe": cmd_transcribe, "inspect": cmd_inspect, "diff": cmd_diff, "eval": cmd_eval, "lm": cmd_lm, "report": cmd_report}[command]
+    handler = {"run": cmd_run, "transcribe": cmd_transcribe, "inspect": cmd_inspect, "diff": cmd_diff, "eval": cmd_eval, "lm": cmd_lm}[command]
     try:
         return handler(argv)
     except QpipeError as exc:

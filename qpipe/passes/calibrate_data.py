@@ -27,7 +27,7 @@ def _manifest_problem(path: str) -> str | None:
     options={
         "manifest": Opt("", check=_manifest_problem),
         "utterances": Opt(32, lo=1),
-        "seed": Opt(0, lo=0, hi=2**62),
+        "seed": Opt(0, lo=0, hi=2**32 - 1),
     },
 )
 def calibrate_data(gm: GraphModule, ctx: PassContext) -> PassResult:

@@ -18,7 +18,7 @@ from qpipe.passes.calibration import calibrate_from_batches, input_shape
         "kind": Opt("gaussian", choices=("gaussian", "zeros")),
         "batch": Opt(8, lo=1),
         "length": Opt(256, lo=2),
-        "seed": Opt(0, lo=0, hi=2**62),
+        "seed": Opt(0, lo=0, hi=2**32 - 1),
     },
 )
 def calibrate_noise(gm: GraphModule, ctx: PassContext) -> PassResult:

@@ -249,7 +249,7 @@ def distill(gm: GraphModule, shape: tuple[int, ...], steps: int, lr: float, init
         "length": Opt(128, lo=2),
         "lr": Opt(0.1, lo=0, lo_open=True),
         "init": Opt(0.3, lo=0, lo_open=True),
-        "seed": Opt(0, lo=0, hi=2**62),
+        "seed": Opt(0, lo=0, hi=2**32 - 1),
         "input_norm": Opt("auto", choices=("auto", "per_feature", "none")),
         "targets": "bn",  # checked by the pass (auto, or kinds joined by '+')
         "ctc_weight": Opt(1.0, lo=0),
