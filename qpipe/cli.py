@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from qpipe import __version__
 from qpipe.ir.errors import QpipeError
 
-SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval", "lm")
+SUBCOMMANDS = ("run", "transcribe", "inspect", "diff", "eval", "lm", "report")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -223,6 +223,20 @@ def cmd_lm(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_report(argv: Sequence[str]) -> int:
+    p = ArgumentParser(prog="qpipe report", description="(Re)write OUT/report.html: one self-contained page with the "
+                                "pipeline, both graphs, per-layer plots, the accumulator proofs and the WER table.")
+    p.add_argument("out", metavar="OUT", help="an output folder written by qpipe -o (any target)")
+    p.add_argument("--eval", action="append", default=[], metavar="JSON",
+                   help="a qpipe eval --json result to show (repeatable; any in OUT are picked up too)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the page here instead of OUT/report.html")
+    args = p.parse_args(argv)
+    from qpipe.report_html import write_report
+
+    print(f"wrote {write_report(args.out, args.eval, args.output)}")
+    return 0
+
+
 def cmd_eval(argv: Sequence[str]) -> int:
     from qpipe.asr.evaluate import main as eval_main
 
@@ -234,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "run"
     if argv and argv[0] in SUBCOMMANDS:
         command = argv.pop(0)
-    handler = {"run": cmd_run, "transcribe": cmd_transcribe, "inspect": cmd_inspect, "diff": cmd_diff, "eval": cmd_eval, "lm": cmd_lm}[command]
+    handler = {"run": cmd_run, "transcribe": cmd_transcribe, "inspect": cmd_inspect, "diff": cmd_diff, "eval": cmd_eval, "lm": cmd_lm, "report": cmd_report}[command]
     try:
         return handler(argv)
     except QpipeError as exc:
