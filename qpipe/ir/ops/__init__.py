@@ -7,6 +7,7 @@ them bit for bit. Importing this package registers every op with torch.library.
 """
 from qpipe.ir.ops import conv, linear, quantize, requant  # noqa: F401  (each registers its ops)
 from qpipe.ir.ops import gelu, iexp, mean, mul, sigmoid, softmax  # noqa: F401  (the nonlinear kernels)
+from qpipe.ir.ops import elementwise, layernorm, matmul  # noqa: F401  (the Conformer's integer ops)
 from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
 
 __all__ = ["dtype_for_bits", "requant_reference", "round_shift"]

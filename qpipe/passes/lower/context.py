@@ -21,6 +21,7 @@ from qpipe.ir.observer import ActObserver
 from qpipe.ir.opspec import spec_for
 from qpipe.ir.printer import target_name
 from qpipe.ir.qtype import QType, qtype_of, set_qtype
+from qpipe.passes.lower.constants import quantize_constant_chain
 from qpipe.passes.lower.table import family_of, transparent_ops
 
 
@@ -65,6 +66,8 @@ class Lowering:
         return q
 
     def int_input(self, node: Node, arg: Any) -> Node:
+        if isinstance(arg, Node) and arg not in self.int_of:
+            quantize_constant_chain(self, node, arg)  # a float constant (through views): quantized once
         if not isinstance(arg, Node) or arg not in self.int_of:
             raise QpipeError(f"%{node.name} = {target_name(node)} ({source_name(node)}): input {arg} is not quantized")
         return self.int_of[arg]
