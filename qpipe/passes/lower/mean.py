@@ -73,7 +73,9 @@ def _mean_numerator(node: Node) -> bool:
 def lower_sum(node: Node, lw: Lowering) -> None:
     if not _mean_numerator(node):
         raise QpipeError(f"{source_name(node)}: a sum is lowered only as the numerator of a mean (sum / count)")
-    # the div that reads it emits the mean
+    # The div that alone reads it emits the mean (and rebinds the sum to it); until then the sum stands for its
+    # integer input, so that the div is seen as fed by the integer region.
+    lw.bind(node, lw.int_input(node, node.args[0]))
 
 
 def lower_div(node: Node, lw: Lowering) -> None:
