@@ -322,7 +322,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 16px}
 h1{font-size:22px;margin-bottom:4px}h3{font-size:14px;margin:14px 0 4px}h2{font-size:17px;margin-top:30px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}tr.bad td{background:#fde0dd}tr.me td{background:#eef6ff}
+th{background:#f3f3f3}td.l,th.l{text-align:left}td.wrap{text-align:left;max-width:560px;word-break:break-all}tr.bad td{background:#fde0dd}tr.me td{background:#eef6ff}
 .note{color:#555;font-size:13px}.ok{color:#1a7f37;font-weight:600}.fail{color:#c62828;font-weight:600}
 img{max-width:100%;display:block;margin:6px 0}.graph{max-width:100%;height:auto;display:block;margin:6px 0}
 .legend span{display:inline-block;width:11px;height:11px;margin:0 4px 0 12px;border-radius:2px;vertical-align:middle}
@@ -482,7 +482,7 @@ def _wer_section(evals: list[tuple[str, dict[str, Any]]], out_dir: str) -> str:
                 d = m.get("delta_wer")
                 cells.append(f"<td>{'' if d is None else f'{d:+.2f}'}</td>")
             cells += [f"<td>{_fmt(m.get('rtf'), '.4f')}</td>", f"<td>{_e(m.get('utterances', ''))}</td>",
-                      f"<td class=l>{_e(' / '.join(str(x) for x in (m.get('pipeline'), m.get('target')) if x))}</td>"]
+                      f"<td class=wrap>{_e(' / '.join(str(x) for x in (m.get('pipeline'), m.get('target')) if x))}</td>"]
             rows.append(f"<tr class='{'me' if mine else ''}'>{''.join(cells)}</tr>")
         dec = r.get("decoding") or {"method": "greedy"}
         parts.append(
