@@ -240,3 +240,10 @@ def test_chromium_renders_the_report(quantized, tmp_path):
                            "--window-size", "1200,2400"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert mod.check_screenshot(str(shot), "1200,2400") == []
+
+
+def test_cli_start_path_does_not_import_matplotlib():
+    code = "import sys, qpipe.cli, qpipe.api, qpipe.inspect; print('matplotlib' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
