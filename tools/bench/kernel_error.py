@@ -145,6 +145,20 @@ for _S in (0.02, 0.1):
         return Q.gelu_int(x.to(torch.int8), m_u, s_u, m, s, -127, 127, 8), ref, out_scale
 
 
+@case("softmax_int (out 16-bit)", 16, 0.0005, "int16 scores: rows of 16 over the range")
+def _softmax16():
+    x = rows_of_range(16, 16, extra=500)
+    m, s = dyadic(exp_input_ratio(0.0005), m_bits=exp_m_bits(16))
+    return Q.softmax_int(x, -1, m, s, 16), torch.softmax(x.to(F64) * 0.0005, dim=-1), unit_scale(16)
+
+
+@case("sigmoid_int (out 16-bit)", 16, 0.0005, "every int16 input")
+def _sigmoid16():
+    x = full_range(16)
+    m, s = dyadic(exp_input_ratio(0.0005), m_bits=exp_m_bits(16))
+    return Q.sigmoid_int(x.to(torch.int16), m, s, 16), torch.sigmoid(x.to(F64) * 0.0005), unit_scale(16)
+
+
 @case("mul_requant (int8 x int16 gate)", 8, 0.05, "every int8 x, gates 1/32767 over [0, 1] in 257 steps")
 def _mul():
     a = full_range(8)
