@@ -23,7 +23,7 @@ from qpipe.ir.errors import QpipeError
 
 EXT = cpu_ext.get()
 EXTS = [pytest.param(EXT, id="c++"), pytest.param(None, id="torch")] if EXT is not None else [pytest.param(None, id="torch")]
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _rq_args(draw, c: int):
@@ -153,22 +153,21 @@ def test_add_requant_is_bit_exact_including_ties_and_saturation(ext, data):
 
 
 @pytest.fixture(scope="module")
-def tiny_int():
+def tiny_int(tmp_path_factory):
+    """TinyASR through the fast pipeline, written as a torch-int8 folder: (QuantizeResult, folder)."""
     from qpipe.api import quantize
     from qpipe.frontends.torch import from_module
 
     torch.manual_seed(0)
     fm = from_module(TinyASR().eval(), (torch.randn(2, 8, 32),))
-    return quantize(fm, FAST_PIPELINE, progress=False), fm
+    out = str(tmp_path_factory.mktemp("ti8") / "out")
+    return quantize(fm, FAST_PIPELINE, output=out, target="torch-int8", progress=False), out
 
 
-def test_folder_round_trip_is_bit_exact_and_loads_with_weights_only(tiny_int, tmp_path):
-    from qpipe.api import quantize
+def test_folder_round_trip_is_bit_exact_and_loads_with_weights_only(tiny_int):
     from qpipe.backends import open_folder
 
-    result, fm = tiny_int
-    out = str(tmp_path / "ti8")
-    quantize(fm, FAST_PIPELINE, output=out, target="torch-int8", progress=False)
+    result, out = tiny_int
     plan = torch.load(os.path.join(out, MODEL_FILE), weights_only=True)  # plain data, no pickled code
     assert plan["format"].startswith("qpipe-torch-int8-plan/")
     qm = open_folder(out)

@@ -36,18 +36,23 @@ def prepare(name: str, work: str):
         build_random_nemo(name, src)
     fpath = os.path.join(work, f"{name}_float.pt2")
     ti8 = os.path.join(work, f"{name}_torch_int8")
-    ref = os.path.join(work, f"{name}_reference")
-    if not (os.path.exists(fpath) and os.path.isdir(ti8) and os.path.isdir(ref)):
+    ref = os.path.join(work, f"{name}_reference.pt2")  # the reference program of the same integer graph
+    if not (os.path.exists(fpath) and os.path.isdir(ti8) and os.path.exists(ref)):
+        from qpipe.backends.reference import export_integer
+
         fm = load_model(src)
         ep = torch.export.export(fm.gm, tuple(fm.example_inputs), dynamic_shapes=({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},), strict=False)
         torch.export.save(ep, fpath)
         r = quantize(fm, FAST, output=ti8, target="torch-int8", force=True, progress=False)
-        from qpipe.backends.folder import write_folder
-        from qpipe.backends.target import SaveRecord  # noqa: F401
-
-        quantize(fm, FAST, output=ref, target="reference", force=True, progress=False)
-        del r
+        torch.export.save(export_integer(r.gm, fm.example_inputs[0], fm.time_dim), ref)
     return fpath, ti8, ref
+
+
+def reference_runner(ref: str):
+    import qpipe.ir.ops  # noqa: F401
+    from qpipe.backends.reference import ReferenceRunner
+
+    return ReferenceRunner(torch.export.load(ref).module())
 
 
 def ort_session(fpath: str, work: str, name: str, threads: int):
@@ -86,7 +91,7 @@ def main() -> int:
         float_mod = torch.export.load(fpath).module()
         qm = open_folder(ti8)
         runner = qm.runner
-        ref_runner = open_folder(ref).runner
+        ref_runner = reference_runner(ref)
         mult = int(qm.meta["input"].get("time_multiple", 1) or 1)
         kinds = {}
         for k in runner.program.kernels.values():
