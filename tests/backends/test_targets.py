@@ -133,7 +133,7 @@ def test_registering_a_name_twice_is_an_error():
 
 def test_reference_round_trip_is_bit_exact(written):
     result, out = written
-    assert sorted(os.listdir(out)) == ["ir.txt", "model.pt2", "qpipe.json", "report.txt"]
+    assert sorted(os.listdir(out)) == ["ir.txt", "model.pt2", "qpipe.json", "report.html", "report.txt"]
     meta = json.loads((out / "qpipe.json").read_text())
     assert meta["target"] == "reference" and meta["format"] == "qpipe-int8/1"
     qm = open_folder(str(out))
@@ -196,7 +196,7 @@ def test_inspect_reads_any_targets_folder(written):
 def test_a_second_target_plugs_in_through_the_same_folder(tiny_float_model, tmp_path):
     out = tmp_path / "out"
     result = quantize(tiny_float_model, FAST_PIPELINE, output=str(out), target="program-elsewhere-for-test", progress=False)
-    assert sorted(os.listdir(out)) == ["ir.txt", "program.pt2", "qpipe.json", "report.txt"]
+    assert sorted(os.listdir(out)) == ["ir.txt", "program.pt2", "qpipe.json", "report.html", "report.txt"]
     qm = open_folder(str(out))
     assert qm.target.name == "program-elsewhere-for-test"
     x = torch.randn(2, 8, 33)

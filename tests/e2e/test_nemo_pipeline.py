@@ -30,7 +30,7 @@ def test_cli_quantizes_saves_reloads_and_transcribes(nemo_tiny_path, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(nemo_tiny_path, "--passes", FAST_PIPELINE, "-o", out, "--quiet")
     assert "eliminate-dead-float" in proc.stdout and f"wrote {out}" in proc.stdout
-    assert sorted(os.listdir(out)) == ["frontend.pt", "ir.txt", "model.pt2", "qpipe.json", "report.txt"]
+    assert sorted(os.listdir(out)) == ["frontend.pt", "ir.txt", "model.pt2", "qpipe.json", "report.html", "report.txt"]
     meta = json.loads((out / "qpipe.json").read_text())
     # the pipeline that ran, every option written out: FAST_PIPELINE's passes in its order, and it re-parses to itself
     from qpipe.ir.passes import parse_pipeline
