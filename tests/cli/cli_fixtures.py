@@ -81,9 +81,15 @@ def write_tiny_folder(out: str, fm=None) -> str:
     return write_folder(out, run.gm, record, fm.example_inputs[0], "tiny\n")
 
 
+_BUILT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def quantized_folder(tmp_path_factory) -> str:
-    return write_tiny_folder(str(tmp_path_factory.mktemp("q") / "tiny_int8"))
+    # Each test module that imports this fixture gets its own copy of it; the folder is built once.
+    if "folder" not in _BUILT:
+        _BUILT["folder"] = write_tiny_folder(str(tmp_path_factory.mktemp("q") / "tiny_int8"))
+    return _BUILT["folder"]
 
 
 def write_wav(path, seconds: float = 0.5, sr: int = SAMPLE_RATE, channels: int = 1, samples: int | None = None) -> str:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from cli_fixtures import listing, quantized_folder, tiny_float_model, write_tiny_folder, write_wav  # noqa: F401
+from cli_fixtures import listing, quantized_folder, tiny_float_model, write_wav  # noqa: F401
 
 
 def test_transcribe_reports_every_file(quantized_folder, tmp_path, capsys):
@@ -63,19 +63,21 @@ def test_help_lists_every_subcommand(capsys):
     assert listed == [c for c in SUBCOMMANDS if c != "run"] and "lm" in listed
 
 
-def test_existing_out_is_replaced_only_with_force(tmp_path):
+def test_existing_out_is_replaced_only_with_force(quantized_folder, tmp_path):
+    import shutil
+
+    from qpipe.backends.folder import OutputSlot
     from qpipe.ir.errors import QpipeError
 
     out = str(tmp_path / "out")
-    write_tiny_folder(out)
+    shutil.copytree(quantized_folder, out)
     first = set(os.listdir(out))
     with pytest.raises(QpipeError, match="already exists"):
-        write_tiny_folder(out)
-    from qpipe.backends.folder import OutputSlot
-
+        OutputSlot(out)
     slot = OutputSlot(out, force=True)  # the README's first command says --force: re-running it works
-    slot.discard()
-    assert set(os.listdir(out)) == first and set(os.listdir(tmp_path)) == {"out"}
+    assert os.path.isdir(slot.tmp) and set(os.listdir(out)) == first  # OUT stays until the new one is complete
+    os.mkdir(os.path.join(slot.tmp, "new"))
+    assert slot.commit() == out and os.listdir(out) == ["new"] and set(os.listdir(tmp_path)) == {"out"}
 
 
 def test_interrupted_run_leaves_nothing(tmp_path):
