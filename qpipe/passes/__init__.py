@@ -4,6 +4,7 @@ from qpipe.passes import (  # noqa: F401  (each module registers its pass)
     calibrate_data,
     calibrate_noise,
     calibrate_synthetic,
+    calibrate_tts,
     eliminate_dead_float,
     fold_bn,
     fuse_requant,
