@@ -247,3 +247,21 @@ def test_cli_start_path_does_not_import_matplotlib():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_folder_without_layer_facts_still_gets_a_report(quantized, tmp_path):
+    """A folder written before layer_facts: the lowering's recorded bounds, the integer graph from ir.txt."""
+    from qpipe.report_html import write_report
+
+    _, src = quantized
+    out = tmp_path / "old"
+    shutil.copytree(src, out)
+    meta = _meta(str(out))
+    proofs = meta.pop("layer_facts")["accumulators"]
+    json.dump(meta, open(out / "qpipe.json", "w"))
+    page = open(write_report(str(out)), encoding="utf-8").read()
+    assert _checker().check_html(page) == []
+    assert "the float graph was not recorded" in page and "Per-layer SQNR was not recorded" in page
+    assert page.count("<svg") == 1 and "ingredients not recorded" in page
+    for name, a in proofs.items():
+        assert f"<td class=l>%{name}</td>" in page and f"{a['bound']:,}" in page
