@@ -148,14 +148,16 @@ class OutputSlot:
         while not os.path.exists(p):
             missing.append(p)
             p = os.path.dirname(p)
+        where = parent
         try:
             for d in reversed(missing):
+                where = d
                 os.mkdir(d)
                 self._made.append(d)
+            where = parent
             self.tmp = tempfile.mkdtemp(prefix=".qpipe-tmp-", dir=parent)
         except OSError as exc:
             self._remove_made()
-            where = exc.filename or parent
             raise QpipeError(f"cannot write {out_dir}: {_os_reason(exc)} ({where})") from None
 
     def _remove_made(self) -> None:

@@ -282,3 +282,21 @@ def test_eval_short_audio_with_a_float_model_fails_before_loading_it(quantized_f
     manifest = _manifest(tmp_path, [{"audio_filepath": "short.wav", "text": "a"}])
     rc = main(["eval", _ctc(tmp_path), quantized_folder, "--manifest", manifest, "--quiet"])
     _one_error_line(rc, capsys.readouterr().err, "short.wav: audio too short: 30 ms")
+
+
+@pytest.mark.slow
+def test_read_only_file_system_for_real(tmp_path):
+    """The read-only case on a real read-only mount (a private mount namespace; skipped where unshare is not allowed)."""
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {ro}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -m / mount not permitted)")
+    qpipe = f"{sys.executable} {os.path.join(ROOT, 'tools', 'qpipe')}"
+    cmd = f"mount -t tmpfs -o ro tmpfs {ro} && {qpipe} {DEMO} -o {ro / 'out'} --quiet"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, timeout=300)
+    _one_error_line(proc.returncode, proc.stderr, f"cannot write {ro / 'out'}: read-only file system ({ro})")
+    assert proc.stdout == ""
