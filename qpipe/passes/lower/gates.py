@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from qpipe.ir.graph_utils import users_through
 from qpipe.ir.ops.softmax import unit_scale
 from qpipe.ir.qtype import QType
 from qpipe.passes.lower.context import Lowering
 from qpipe.passes.lower.nonlinear import (emit_requantized, exp_pair, lower_constant_operand, per_tensor,
                                           policy_bits)
 from qpipe.passes.lower.table import OpFamily, register_family, transparent_ops
-from qpipe.ir.graph_utils import users_through
 
 aten = torch.ops.aten
 q = torch.ops.qpipe
