@@ -136,7 +136,7 @@ class PassSpec:
             spec = self.option_specs.get(key)
             reason = spec.problem(value) if spec is not None else None
             if reason:
-                raise QpipeError(f"pass '{self.name}': option {key}={_fmt_opt(value)} {reason}")
+                raise QpipeError(f"pass '{self.name}': {key} {reason} (got {key}={_fmt_opt(value)})")
 
 
 _PASSES: dict[str, PassSpec] = {}
