@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -204,16 +203,17 @@ def test_a_second_target_plugs_in_through_the_same_folder(tiny_float_model, tmp_
         assert torch.equal(qm.logits_int(x), result.gm(x))
 
 
-def test_an_unavailable_target_fails_before_any_work(tiny_float_model, tmp_path):
+def test_an_unavailable_target_fails_before_any_work(tiny_float_model, tmp_path, monkeypatch):
+    import qpipe.api
     from qpipe.ir import print_ir
+
+    monkeypatch.setattr(qpipe.api, "run_pipeline", lambda *a, **k: pytest.fail("ran the pipeline"))
 
     before = print_ir(tiny_float_model.gm)
     out = tmp_path / "out"
-    started = time.perf_counter()
     with pytest.raises(QpipeError) as err:
         quantize(tiny_float_model, FAST_PIPELINE, output=str(out), target="unavailable-for-test", progress=False)
     assert str(err.value) == "target 'unavailable-for-test' is not available here: needs the moon (pip install moon)"
-    assert time.perf_counter() - started < 1.0
     assert not out.exists() and os.listdir(tmp_path) == []
     assert print_ir(tiny_float_model.gm) == before
     with pytest.raises(QpipeError, match="unknown target 'no-such'"):
@@ -248,19 +248,24 @@ def test_cli_list_targets():
     assert proc.stderr == ""
 
 
-def test_cli_unknown_target_fails_fast_before_loading_the_model(tmp_path):
+def test_cli_unknown_target_fails_before_loading_the_model(tmp_path):
+    """Checked before the model loads: the subprocess fails if anything imports NeMo (what loading needs)."""
     model = os.path.join(ROOT, "models", "demo_quartznet.nemo")
     out = tmp_path / "out"
-    started = time.perf_counter()
-    proc = _cli(model, "-o", out, "--target", "no-such", timeout=60)
-    elapsed = time.perf_counter() - started
-    assert proc.returncode == 2
+    guard = ("import sys, importlib.abc\n"
+             "class NoNemo(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] == 'nemo': raise SystemExit('loaded the model: imported nemo')\n"
+             "sys.meta_path.insert(0, NoNemo())\n"
+             "from qpipe.cli import main; sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", guard, model, "-o", str(out), "--target", "no-such"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [proc.stderr.strip()]  # one line
     assert proc.stderr.startswith("qpipe: error: unknown target 'no-such' (")
     assert proc.stderr.rstrip().endswith("; see --list-targets") and "Traceback" not in proc.stderr
     assert proc.stdout == ""
     assert not out.exists() and os.listdir(tmp_path) == []
-    assert elapsed < 15, f"took {elapsed:.1f}s: the target must be checked before the model is loaded"
     near = _cli(model, "-o", out, "--target", "refrence", timeout=60)
     assert near.returncode == 2 and "(did you mean 'reference'?)" in near.stderr
 
