@@ -158,6 +158,56 @@ CONFIGS = {
 }
 
 
+def _conformer_ctc(d_model: int, n_heads: int, n_layers: int, conv_kernel: int = 31) -> dict[str, Any]:
+    """NeMo's published Conformer-CTC (``examples/asr/conf/conformer/conformer_ctc_char.yaml``), char vocabulary.
+
+    The config's size table: small d_model=176, n_heads=4, n_layers=16; medium 256/4/18;
+    large 512/8/18; conv kernel 31, striding subsampling x4 with d_model channels,
+    rel_pos attention, xscaling, BatchNorm conv modules, dropout 0.1 (gone in eval).
+    """
+    cfg = _ctc_config([{"filters": d_model}], 80)
+    cfg["preprocessor"].update({"window": "hann", "normalize": "per_feature", "features": 80, "pad_to": 0})
+    cfg["encoder"] = {
+        "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+        "feat_in": 80,
+        "feat_out": -1,
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "subsampling": "striding",
+        "subsampling_factor": 4,
+        "subsampling_conv_channels": -1,
+        "ff_expansion_factor": 4,
+        "self_attention_model": "rel_pos",
+        "n_heads": n_heads,
+        "att_context_size": [-1, -1],
+        "xscaling": True,
+        "untie_biases": True,
+        "pos_emb_max_len": 5000,
+        "conv_kernel_size": conv_kernel,
+        "conv_norm_type": "batch_norm",
+        "dropout": 0.1,
+        "dropout_pre_encoder": 0.1,
+        "dropout_emb": 0.0,
+        "dropout_att": 0.1,
+    }
+    cfg["decoder"]["feat_in"] = d_model
+    return cfg
+
+
+def conformer_small() -> dict[str, Any]:
+    """Conformer-CTC small (about 13M parameters): d_model 176, 4 heads, 16 layers."""
+    return _conformer_ctc(176, 4, 16)
+
+
+def conformer_medium() -> dict[str, Any]:
+    """Conformer-CTC medium (about 30M parameters): d_model 256, 4 heads, 18 layers."""
+    return _conformer_ctc(256, 4, 18)
+
+
+CONFIGS["conformer_small"] = conformer_small
+CONFIGS["conformer_medium"] = conformer_medium
+
+
 def build_random_nemo(name: str, path: str, seed: int = 0) -> str:
     """Build a NeMo EncDecCTCModel from a config with random weights and saves it as .nemo.
 

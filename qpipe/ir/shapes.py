@@ -7,6 +7,7 @@ backends see ``i8[1,256,T]`` rather than a concrete example length.
 from __future__ import annotations
 
 import torch
+import torch._refs
 from torch.fx import GraphModule, Interpreter, Node
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
@@ -19,6 +20,19 @@ def _fake_mode(gm: GraphModule) -> FakeTensorMode:
     raise ValueError("graph has no fake-tensor metadata to propagate from (was it made by torch.export?)")
 
 
+def _pad_ref(x, pad, mode="constant", value=None):
+    if mode != "constant":
+        return torch.ops.aten.pad.default(x, pad, mode, value)
+    return torch._refs.constant_pad_nd(x, pad, 0.0 if value is None else value)
+
+
+# ATen ops whose fake kernel turns symbolic sizes into the example's ints; their Python refs do not.
+_SYMBOLIC_REFS = {
+    torch.ops.aten.pad.default: _pad_ref,
+    torch.ops.aten.constant_pad_nd.default: lambda x, pad, value=0: torch._refs.constant_pad_nd(x, pad, value),
+}
+
+
 class _FakeProp(Interpreter):
     def __init__(self, gm: GraphModule, mode: FakeTensorMode):
         super().__init__(gm, garbage_collect_values=True)
@@ -29,6 +43,11 @@ class _FakeProp(Interpreter):
         if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
             value = self.mode.from_tensor(value, static_shapes=True)
         return value
+
+    def call_function(self, target, args, kwargs):
+        if target in _SYMBOLIC_REFS:  # their fake kernels read the sizes as ints: batch and time would specialize
+            return _SYMBOLIC_REFS[target](*args, **kwargs)
+        return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
