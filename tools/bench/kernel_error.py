@@ -180,6 +180,64 @@ def _mean():
     return Q.mean_int(x, count, [-1], True, m, s, -127, 127, 8), ref, out_scale
 
 
+# ------------------------------------------------------------------ the Conformer's kernels (LayerNorm, matmul, scale)
+
+
+def _ln_case(d: int, S: float, affine: bool):
+    from qpipe.ir.ops.layernorm import LN_FRAC_BITS, layer_norm_scale
+    from qpipe.passes.lower.layernorm import affine_constants, sqrt_shift_for
+
+    x = rows_of_range(8, d, extra=3000)
+    eps = 1e-5
+    eps_int = int(math.floor(eps * d**3 / S**2 + 0.5))
+    core = Q.layer_norm_core(x, eps_int, LN_FRAC_BITS, sqrt_shift_for(8, d, eps_int), 16)
+    core_scale = layer_norm_scale(d)
+    if not affine:
+        return core, torch.nn.functional.layer_norm(x.to(F64) * S, (d,), eps=eps), core_scale
+    gen = torch.Generator().manual_seed(1)
+    gamma = torch.rand(d, generator=gen, dtype=F64) * 1.5 - 0.25  # some negative, some near zero
+    beta = torch.randn(d, generator=gen, dtype=F64) * 0.3
+    ref = torch.nn.functional.layer_norm(x.to(F64) * S, (d,), gamma, beta, eps=eps)
+    out_scale = observed_scale(ref)
+    w, _, bq, m, sh = affine_constants(gamma, beta, core_scale, out_scale)
+    return Q.scale_rq(core, w, bq, m, sh, -1, -127, 127, 8), ref, out_scale
+
+
+for _d in (96, 256):
+
+    @case(f"layer_norm_core (D={_d}, out int16)", 8, 0.05, "rows over the range; vs float LayerNorm (no affine)")
+    def _ln_core(d=_d):
+        return _ln_case(d, 0.05, False)
+
+    @case(f"LayerNorm + affine scale_rq (D={_d}, out int8)", 8, 0.05, "random gamma in [-0.25, 1.25], beta")
+    def _ln_affine(d=_d):
+        return _ln_case(d, 0.05, True)
+
+
+@case("matmul_rq (int8 x int8, K=64)", 8, 0.05, "Q K^T-like: rows over the range x random int8 columns")
+def _matmul():
+    a = rows_of_range(8, 64, extra=500).to(torch.int64)
+    gen = torch.Generator().manual_seed(2)
+    b = torch.randint(-127, 128, (64, 48), generator=gen)
+    ref = (a.to(F64) * 0.05) @ (b.to(F64) * 0.03)
+    out_scale = observed_scale(ref)
+    m, s = dyadic(0.05 * 0.03 / out_scale)
+    out = Q.matmul_rq(a.to(torch.int8), b.to(torch.int8), torch.tensor([m]), torch.tensor([s]), -127, 127, 8)
+    return out, ref, out_scale
+
+
+@case("scale_rq (x / sqrt(24))", 8, 0.05, "every int8 input; output scale 1.37x the min-max one (no exact ratio)")
+def _scale():
+    x = full_range(8)
+    c = 1 / math.sqrt(24)
+    ref = x.to(F64) * 0.05 * c
+    out_scale = observed_scale(ref) * 1.37
+    m, s = dyadic(0.05 * c / out_scale)
+    out = Q.scale_rq(x.to(torch.int8), torch.tensor([1], dtype=torch.int8), None, torch.tensor([m]),
+                     torch.tensor([s]), 0, -127, 127, 8)
+    return out, ref, out_scale
+
+
 # ---------------------------------------------------------------------------------------------- table
 
 
