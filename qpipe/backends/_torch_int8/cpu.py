@@ -163,10 +163,12 @@ class Requant:
         self.lo, self.hi, self.bits = int(lo), int(hi), int(bits)
         self.ext = ext if (ext is not None and bool(((self.s >= 0) & (self.s <= 63)).all())) else None
         self.dtype = dtype_for_bits(self.bits)
+        self.emit_f32 = False  # set by the program when every consumer convolves in exact fp32
 
     def __call__(self, acc: Tensor) -> Tensor:
         if self.ext is not None and acc.dtype in (torch.float32, torch.int32) and self.bits <= 16:
-            return self.ext.requant_cols(acc.contiguous(), self.bias, self.m, self.half, self.s, self.lo, self.hi, self.bits)
+            bits = 0 if self.emit_f32 else self.bits
+            return self.ext.requant_cols(acc.contiguous(), self.bias, self.m, self.half, self.s, self.lo, self.hi, bits)
         acc = acc.to(torch.int64)
         if self.bias.numel():
             acc = acc + self.bias
@@ -229,6 +231,17 @@ class Conv:
             self.post = Requant(ext, self.co, bias, a["m"], a["s"], a["lo"], a["hi"], a["bits"])
         else:
             self.post = Widen(bias, a["acc_bits"])
+        # exact fp32 integers may travel between layers (no int8 -> fp32 copy before a convolution)
+        self.takes_f32 = self.kind == "f32-conv-cl" and self.dims == 1
+        self.can_emit_f32 = fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None
+
+    @property
+    def emit_f32(self) -> bool:
+        return getattr(self.post, "emit_f32", False)
+
+    @emit_f32.setter
+    def emit_f32(self, on: bool) -> None:
+        self.post.emit_f32 = bool(on) and self.can_emit_f32
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.kind == "f64-conv":
@@ -245,8 +258,9 @@ class Conv:
                 xt = xt if xt.is_contiguous() else xt.contiguous()
                 out = self.post(self.gemm(xt.reshape(b * t, c)))
                 return out.view(b, t, self.co).transpose(1, 2)
-            xf = torch.empty((b, t, c), dtype=torch.float32)
-            xf.copy_(x.transpose(1, 2))
+            xf = x.transpose(1, 2)
+            if xf.dtype != torch.float32 or not xf.is_contiguous():
+                xf = torch.empty((b, t, c), dtype=torch.float32).copy_(xf)
             x4 = xf.view(b, 1, t, c).permute(0, 3, 1, 2)
         else:
             x4 = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
@@ -272,6 +286,25 @@ class Linear:
         lead = x.shape[:-1]
         out = self.post(self.gemm(x.reshape(-1, x.shape[-1]).contiguous()))
         return out.view(*lead, self.n)
+
+
+class Quantize:
+    """The input quantizer in C++ (qpipe's float64 steps), written channels-last; the reference decides ties."""
+
+    def __init__(self, ext: Any, a: dict[str, Any]):
+        self.scale, self.bits = float(a["scale"]), int(a["bits"])
+        self.ext = ext if self.bits <= 8 and self.scale > 0 else None
+        self.can_emit_f32 = self.ext is not None
+        self.emit_f32 = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.ext is None or x.dim() != 3 or x.dtype != torch.float32:
+            return torch.ops.qpipe.quantize(x, self.scale, self.bits)
+        q, undecided = self.ext.quantize_cl(x, self.scale, (1 << (self.bits - 1)) - 1, self.emit_f32)
+        if undecided:  # a quotient exactly on a half (or NaN/inf): the reference's exact tie-break
+            ref = torch.ops.qpipe.quantize(x, self.scale, self.bits).transpose(1, 2)
+            q = ref.to(torch.float32 if self.emit_f32 else ref.dtype).contiguous()
+        return q.transpose(1, 2)
 
 
 class AddRequant:

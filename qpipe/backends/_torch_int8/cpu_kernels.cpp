@@ -10,6 +10,9 @@
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <tuple>
 
 namespace {
 
@@ -40,8 +43,8 @@ inline void dw_block(const float* __restrict xp, const float* __restrict w, int6
 }
 
 template <typename OutT>
-void requant_row(const float* acc, OutT* out, const int64_t* bias, const int64_t* m, const int64_t* half,
-                 const int64_t* s, int64_t n, int64_t lo, int64_t hi) {
+void requant_row(const float* __restrict acc, OutT* __restrict out, const int64_t* __restrict bias, const int64_t* __restrict m,
+                 const int64_t* __restrict half, const int64_t* __restrict s, int64_t n, int64_t lo, int64_t hi) {
   for (int64_t c = 0; c < n; ++c) {
     int64_t v = (int64_t)acc[c] + (bias ? bias[c] : 0);
     out[c] = (OutT)rq1(v, m[c], half[c], s[c], lo, hi);
@@ -105,42 +108,62 @@ torch::Tensor dw_conv1d_rq(torch::Tensor x, torch::Tensor w, torch::Tensor bias,
   return out;
 }
 
+// One row of requantization. __restrict: an int8 store may alias anything (char
+// aliasing), which would stop vectorization without it.
+template <typename AccT, typename OutT>
+inline void rq_row(const AccT* __restrict a, OutT* __restrict o, const int64_t* __restrict bd,
+                   const int64_t* __restrict md, const int64_t* __restrict hd, const int64_t* __restrict sd,
+                   int64_t C, int64_t lo, int64_t hi) {
+  if (bd) {
+    for (int64_t c = 0; c < C; ++c) o[c] = (OutT)rq1((int64_t)a[c] + bd[c], md[c], hd[c], sd[c], lo, hi);
+  } else {
+    for (int64_t c = 0; c < C; ++c) o[c] = (OutT)rq1((int64_t)a[c], md[c], hd[c], sd[c], lo, hi);
+  }
+}
+
+template <typename AccT, typename OutT>
+void rq_rows(const AccT* a, OutT* o, const int64_t* bd, const int64_t* md, const int64_t* hd, const int64_t* sd,
+             int64_t N, int64_t C, int64_t lo, int64_t hi) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) rq_row<AccT, OutT>(a + i * C, o + i * C, bd, md, hd, sd, C, lo, hi);
+  });
+}
+
 // acc: fp32 (exact integers) or int32, (N, C) contiguous; per-column bias/m/half/s (int64, C).
+// out_bits 8 or 16: int8/int16 out; 0: the integers as float32 (for a consumer that convolves in exact fp32).
 torch::Tensor requant_cols(torch::Tensor acc, torch::Tensor bias, torch::Tensor m, torch::Tensor half,
                            torch::Tensor s, int64_t lo, int64_t hi, int64_t out_bits) {
   TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous(), "requant_cols: acc must be contiguous (N,C)");
   const int64_t N = acc.size(0), C = acc.size(1);
-  auto out = torch::empty({N, C}, acc.options().dtype(out_bits <= 8 ? torch::kInt8 : torch::kInt16));
+  auto odt = out_bits == 0 ? torch::kFloat32 : (out_bits <= 8 ? torch::kInt8 : torch::kInt16);
+  auto out = torch::empty({N, C}, acc.options().dtype(odt));
   const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
   const int64_t* md = m.data_ptr<int64_t>();
   const int64_t* hd = half.data_ptr<int64_t>();
   const int64_t* sd = s.data_ptr<int64_t>();
   const bool f32 = acc.dtype() == torch::kFloat32;
   TORCH_CHECK(f32 || acc.dtype() == torch::kInt32, "requant_cols: acc must be fp32 or int32");
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (f32) {
-        const float* a = acc.data_ptr<float>() + i * C;
-        if (out_bits <= 8) {
-          int8_t* o = out.data_ptr<int8_t>() + i * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = (int8_t)rq1((int64_t)a[c] + (bd ? bd[c] : 0), md[c], hd[c], sd[c], lo, hi);
-        } else {
-          int16_t* o = out.data_ptr<int16_t>() + i * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = (int16_t)rq1((int64_t)a[c] + (bd ? bd[c] : 0), md[c], hd[c], sd[c], lo, hi);
-        }
-      } else {
-        const int32_t* a = acc.data_ptr<int32_t>() + i * C;
-        if (out_bits <= 8) {
-          int8_t* o = out.data_ptr<int8_t>() + i * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = (int8_t)rq1((int64_t)a[c] + (bd ? bd[c] : 0), md[c], hd[c], sd[c], lo, hi);
-        } else {
-          int16_t* o = out.data_ptr<int16_t>() + i * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = (int16_t)rq1((int64_t)a[c] + (bd ? bd[c] : 0), md[c], hd[c], sd[c], lo, hi);
-        }
-      }
-    }
-  });
+#define QPIPE_RQ(ACC, OUT) rq_rows<ACC, OUT>(acc.data_ptr<ACC>(), out.data_ptr<OUT>(), bd, md, hd, sd, N, C, lo, hi)
+  if (f32) {
+    if (out_bits == 0) QPIPE_RQ(float, float);
+    else if (out_bits <= 8) QPIPE_RQ(float, int8_t);
+    else QPIPE_RQ(float, int16_t);
+  } else {
+    if (out_bits == 0) QPIPE_RQ(int32_t, float);
+    else if (out_bits <= 8) QPIPE_RQ(int32_t, int8_t);
+    else QPIPE_RQ(int32_t, int16_t);
+  }
+#undef QPIPE_RQ
   return out;
+}
+
+template <typename OutT>
+inline void add_span(const int8_t* __restrict a, const int8_t* __restrict b, OutT* __restrict o, int64_t n,
+                     int64_t ma, int64_t mb, int64_t half, int64_t s, int64_t lo, int64_t hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t v = (int64_t)((uint64_t)(int64_t)a[i] * (uint64_t)ma + (uint64_t)(int64_t)b[i] * (uint64_t)mb + (uint64_t)half) >> s;
+    o[i] = (OutT)(v < lo ? lo : (v > hi ? hi : v));
+  }
 }
 
 // Residual add with one shared shift: clamp((a*ma + b*mb + half) >> s, lo, hi); a, b int8 of one shape, contiguous.
@@ -154,25 +177,52 @@ torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, i
   const int8_t* bd = b.data_ptr<int8_t>();
   const int64_t half = s > 0 ? (int64_t(1) << (s - 1)) : 0;
   at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    if (out_bits <= 8) {
-      int8_t* o = out.data_ptr<int8_t>();
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t v = (int64_t)((uint64_t)(int64_t)ad[i] * (uint64_t)ma + (uint64_t)(int64_t)bd[i] * (uint64_t)mb + (uint64_t)half) >> s;
-        o[i] = (int8_t)(v < lo ? lo : (v > hi ? hi : v));
-      }
-    } else {
-      int16_t* o = out.data_ptr<int16_t>();
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t v = (int64_t)((uint64_t)(int64_t)ad[i] * (uint64_t)ma + (uint64_t)(int64_t)bd[i] * (uint64_t)mb + (uint64_t)half) >> s;
-        o[i] = (int16_t)(v < lo ? lo : (v > hi ? hi : v));
-      }
-    }
+    if (out_bits <= 8)
+      add_span<int8_t>(ad + begin, bd + begin, out.data_ptr<int8_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
+    else
+      add_span<int16_t>(ad + begin, bd + begin, out.data_ptr<int16_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
   });
   return out;
+}
+
+// The input quantizer floor(x/scale + 1/2) clamped to [-hi, hi], computed as qpipe's
+// div_round_half_up does in float64 (t = x/scale; k = floor(t); q = k + (t > k + 1/2)),
+// written channels-last: x (B, C, T) -> out (B, T, C), int8 or float32 (out_f32).
+// Returns the number of elements it could not decide (t exactly on a half, or NaN):
+// when non-zero the caller recomputes the tensor with the reference quantizer.
+std::tuple<torch::Tensor, int64_t> quantize_cl(torch::Tensor x, double scale, int64_t hi, bool out_f32) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 3, "quantize_cl: x must be float32 (B,C,T)");
+  x = x.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), T = x.size(2);
+  auto out = torch::empty({B, T, C}, x.options().dtype(out_f32 ? torch::kFloat32 : torch::kInt8));
+  const float* xd = x.data_ptr<float>();
+  std::atomic<int64_t> special{0};
+  const double dhi = (double)hi;
+  at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+    int64_t bad = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / C, c = i % C;
+      const float* src = xd + i * T;
+      for (int64_t t = 0; t < T; ++t) {
+        double q = (double)src[t] / scale;
+        double k = std::floor(q);
+        double h = k + 0.5;
+        bad += (q == h) | (q != q);
+        double v = k + (q > h ? 1.0 : 0.0);
+        v = v < -dhi ? -dhi : (v > dhi ? dhi : v);
+        const int64_t o = (b * T + t) * C + c;
+        if (out_f32) out.data_ptr<float>()[o] = (float)v;
+        else out.data_ptr<int8_t>()[o] = (int8_t)v;
+      }
+    }
+    special += bad;
+  });
+  return {out, special.load()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8");
   mod.def("requant_cols", &requant_cols, "per-column dyadic requant of an fp32/int32 accumulator");
+  mod.def("quantize_cl", &quantize_cl, "input quantizer, channels-last out");
   mod.def("add_rq", &add_rq, "residual add with dyadic requant");
 }

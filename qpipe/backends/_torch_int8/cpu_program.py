@@ -26,6 +26,9 @@ class CpuBackend:
         if op == "add_requant":
             k = cpu.AddRequant(self.ext, a)
             return k, ["a", "b"], "add-rq" + ("-c++" if k.ext is not None else "-torch")
+        if op == "quantize":
+            k = cpu.Quantize(self.ext, a)
+            return k, ["x"], "quantize-c++" if k.ext is not None else "reference"
         if op == "clamp_int":
             lo, hi = int(a["lo"]), int(a["hi"])
             return (lambda x: x.clamp(lo, hi)), ["x"], "clamp"

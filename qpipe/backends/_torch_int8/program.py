@@ -62,16 +62,28 @@ class Program:
         bits: dict[str, int] = {}
         self.steps: list[tuple[str, Callable, list[Callable]]] = []
         uses: dict[str, int] = {}
+        consumers: dict[str, list] = {}
+        producers: dict[str, Any] = {}
         for i, st in enumerate(plan["steps"]):
             args = _decode(st["args"], tensors, self.device)
             fn, getters = self._prepare(st, args, bits)
             self.steps.append((st["out"], fn, getters))
+            producers[st["out"]] = fn
             bits[st["out"]] = _BITS.get(st.get("dtype") or "", 0)
             for r in _refs(args):
                 uses[r] = i
+                consumers.setdefault(r, []).append(fn)
         out = _decode(plan["output"], tensors, self.device)
         self.output = _getter(out)
         keep = set(_refs(out)) | {self.input}
+        # a value that only exact-fp32 convolutions read is handed over as fp32 integers
+        for name, fn in producers.items():
+            users = consumers.get(name, [])
+            if getattr(fn, "can_emit_f32", False) and name not in keep and users and all(
+                getattr(u, "takes_f32", False) for u in users
+            ):
+                fn.emit_f32 = True
+                self.kernels[name] += " -> f32"
         # drop each value after its last use (peak memory and cache footprint)
         self.free: list[list[str]] = [[] for _ in self.steps]
         for name, last in uses.items():
