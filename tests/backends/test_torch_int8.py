@@ -262,3 +262,25 @@ def test_quartznets_are_bit_exact_through_the_folder(model, tmp_path):
         with torch.no_grad():
             want = result.gm(xt)
         assert torch.equal(qm.logits_int(x), want), (model, b, t)
+
+
+@pytest.mark.parametrize("ext", EXTS)
+@SETTINGS
+@given(data=st.data())
+@example(data=None)
+def test_input_quantizer_is_bit_exact_including_exact_halves(ext, data):
+    if data is None:  # quotients exactly on a half (the reference's tie-break), saturation, -0.0
+        scale = 0.25
+        x = torch.tensor([[[0.125, -0.125, 0.375, -0.375, 1e9, -1e9, -0.0]]], dtype=torch.float32)
+    else:
+        g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+        scale = data.draw(st.floats(1e-3, 0.5))
+        shape = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 40)))
+        x = torch.randn(shape, generator=g) * data.draw(st.floats(0.1, 5.0))
+    want = torch.ops.qpipe.quantize(x, scale, 8)
+    k = cpu.Quantize(ext, dict(scale=scale, bits=8))
+    got = k(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    if k.can_emit_f32:
+        k.emit_f32 = True
+        assert torch.equal(k(x), want.to(torch.float32))
