@@ -182,21 +182,6 @@ def test_quartznet_15x5_goes_integer_only(tmp_path):
     assert result.run.records[-1].stats["float_ops"] == 0
 
 
-def test_conformer_exports_but_says_which_ops_lack_integer_kernels(tmp_path):
-    from qpipe.frontends.nemo import load_nemo
-    from qpipe.frontends.nemo_configs import build_random_nemo
-
-    path = build_random_nemo("conformer_tiny", str(tmp_path / "conformer.nemo"))
-    fm = load_nemo(path)
-    assert fm.time_multiple == 4 and "ConformerEncoder" in fm.kind
-    out = fm.gm(torch.randn(1, 80, 160))
-    assert out.shape == (1, 40, 29)
-    proc = run_cli(path, "-o", tmp_path / "out", check=False)
-    assert proc.returncode == 2
-    assert "no integer kernel yet" in proc.stderr and "aten.softmax" in proc.stderr and "aten.layer_norm" in proc.stderr
-    assert not (tmp_path / "out").exists()
-
-
 # Sentences of the demo models' domain (Debian fortunes; the demo LM holds every 3-gram of all
 # but the first), spoken by an espeak-ng voice of the training mix (en-us+m3, default speed).
 # Measured 2026-12 with espeak-ng 1.51, quantized default pipeline: 14 word errors in 49 words
