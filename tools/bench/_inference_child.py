@@ -40,6 +40,21 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # elsewhere: KiB on Linux, bytes on macOS
 
 
+def _no_spin(ort) -> None:
+    """Every ONNX Runtime session of this process, ours or a qpipe runner's, without spin-waiting
+    intra-op threads (``session.intra_op.allow_spinning=0``); torch's side is OMP_WAIT_POLICY=PASSIVE,
+    set by the parent. On a machine with more busy threads than cores, spinning threads burn the
+    time slices the working ones need."""
+    session_cls = ort.InferenceSession
+
+    def inference_session(path, sess_options=None, *args, **kwargs):
+        opts = sess_options if sess_options is not None else ort.SessionOptions()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return session_cls(path, opts, *args, **kwargs)
+
+    ort.InferenceSession = inference_session
+
+
 def main(spec: dict) -> dict:
     threads = int(spec["threads"])
     import numpy as np
@@ -50,6 +65,8 @@ def main(spec: dict) -> dict:
         import onnxruntime as ort
     except ImportError:  # a torch-only candidate still runs
         ort = None
+    if ort is not None and spec.get("no_spin"):
+        _no_spin(ort)
     from qpipe.backends import list_targets, open_folder
 
     list_targets()  # every target module imported, whichever this process runs

@@ -159,10 +159,16 @@ def _featurizer(fm):
 
 
 def heldout_windows(featurizer, count: int, seconds: float, manifest: str = HELDOUT) -> np.ndarray:
-    """``count`` windows of ``seconds`` of held-out audio (utterances end to end) as features (count, F, T)."""
+    """``count`` windows of ``seconds`` of held-out audio (utterances end to end) as features (count, F, T).
+
+    T is ``100 * seconds + 1`` (16 s: 1601 frames, NeMo's count for a 10 ms hop with centred
+    frames); the window is featurized with 0.1 s to spare and cut to T, whatever the
+    featurizer's own rounding of the last frame.
+    """
     from qpipe.frontends.audio import load_audio, read_manifest
 
-    need = int(round(seconds * SAMPLE_RATE))
+    frames = int(round(seconds * 100)) + 1
+    need = int(round((seconds + 0.1) * SAMPLE_RATE))
     pieces, have, out = [], 0, []
     for item in read_manifest(manifest):
         a = load_audio(item["audio_filepath"], SAMPLE_RATE)
@@ -170,7 +176,7 @@ def heldout_windows(featurizer, count: int, seconds: float, manifest: str = HELD
         have += len(a)
         while have >= need and len(out) < count:
             audio = np.concatenate(pieces)
-            out.append(featurizer(audio[:need]).numpy())
+            out.append(featurizer(audio[:need]).numpy()[:, :, :frames])
             pieces, have = [audio[need:]], len(audio) - need
         if len(out) == count:
             break
@@ -205,6 +211,25 @@ def _atomic_np_save(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def write_like(first: str, out: str, gm, example, report: str, target: str) -> str:
+    """Write ``gm`` as ``target`` into ``out`` with the record ``qpipe.api.quantize`` wrote into ``first``
+    (its qpipe.json and frontend.pt): a second target's folder from the same pipeline run."""
+    import torch
+
+    from qpipe.backends import SaveRecord, read_meta, write_folder
+
+    meta = read_meta(first)
+    front = os.path.join(first, "frontend.pt")
+    record = SaveRecord(
+        pipeline=meta["pipeline"], passes=meta["passes"], source=(meta.get("source") or {}).get("path") or "",
+        kind=(meta.get("source") or {}).get("kind") or "", preprocessor=meta.get("preprocessor"),
+        vocabulary=meta.get("vocabulary"), time_dim=meta["input"]["time_dim"],
+        time_multiple=meta["input"]["time_multiple"], input_shape=meta["input"]["shape"],
+        featurizer_state=torch.load(front, weights_only=True) if os.path.isfile(front) else None,
+        extra={k: meta[k] for k in ("metrics", "model_info", "loaded_passes") if k in meta})
+    return write_folder(out, gm, record, example, report, target=target, force=True)
+
+
 class Preparer:
     """Builds (or finds in the cache) every file of one model; the float model is loaded at most once."""
 
@@ -220,6 +245,7 @@ class Preparer:
         else:
             key = spec.name
         self.dir = os.path.join(os.path.abspath(os.path.expanduser(cache)), key)
+        self.features_version = 2  # bump when the timed input changes (2: cut to 100 * seconds + 1 frames)
         os.makedirs(self.dir, exist_ok=True)
 
     def path(self, name: str) -> str:
@@ -267,7 +293,7 @@ class Preparer:
         biggest = max(self.batches)
         frames = feat_in = None
         for b in self.batches:
-            path = self.path(f"features_b{b}_{self.seconds:g}s.npy")
+            path = self.path(f"features_v{self.features_version}_b{b}_{self.seconds:g}s.npy")
             out[b] = path
         if self.rebuild or not all(os.path.isfile(p) for p in out.values()):
             fz = self.featurizer()
@@ -342,43 +368,71 @@ class Preparer:
                     json.dump(info, f)
         return out
 
-    def qpipe_folder(self, target: str) -> Optional[str]:
-        """The cached folder for ``target``, quantized now if missing or older than qpipe's sources; None: skipped."""
+    def _fresh(self, folder: str, want: dict[str, Any]) -> bool:
+        stamp = folder + ".stamp"
+        if self.rebuild or not os.path.isdir(folder) or not os.path.isfile(stamp):
+            return False
+        with open(stamp) as f:
+            have = json.load(f)
+        if have == want:
+            return True
+        if self.reuse_stale and have.get("passes") == want["passes"]:
+            self.log(f"[{self.spec.name}] {os.path.basename(folder)}: reusing a folder written by older qpipe sources (--reuse-stale)")
+            return True
+        return False
+
+    def qpipe_folders(self, targets: list[str]) -> dict[str, str]:
+        """target -> cached folder. When any is missing or older than qpipe's sources, the pipeline runs
+        once (``qpipe.api.quantize`` into the first target's folder) and every target is written from
+        that one integer graph, so the targets compare the same numbers. Unknown or unavailable
+        targets: one line each, skipped."""
         from qpipe.backends import check_available, get_target
         from qpipe.ir.errors import QpipeError
 
-        try:
-            check_available(get_target(target))
-        except QpipeError as exc:
-            self.log(f"[{self.spec.name}] skipping qpipe {target}: {exc}")
-            return None
-        folder = self.path(f"qpipe-{target}")
-        stamp_path = folder + ".stamp"
+        usable = []
+        for t in targets:
+            try:
+                check_available(get_target(t))
+                usable.append(t)
+            except QpipeError as exc:
+                self.log(f"[{self.spec.name}] skipping qpipe {t}: {exc}")
         want = {"sources": qpipe_sources_hash(), "passes": self.passes}
-        have = None
-        if os.path.isfile(stamp_path):
-            with open(stamp_path) as f:
-                have = json.load(f)
-        if os.path.isdir(folder) and not self.rebuild and (have == want or (
-                self.reuse_stale and have is not None and have.get("passes") == self.passes)):
-            if have != want:
-                self.log(f"[{self.spec.name}] qpipe {target}: reusing a folder written by older qpipe sources (--reuse-stale)")
-            return folder
-        why = "not cached" if not os.path.isdir(folder) else "qpipe changed since it was written"
-        self.log(f"[{self.spec.name}] quantizing with qpipe, target {target} ({why}; minutes for a large model) ...")
+        folders = {t: self.path(f"qpipe-{t}") for t in usable}
+        if not usable or all(self._fresh(f, want) for f in folders.values()):
+            return folders
         import qpipe.api as qp
 
+        first, rest = usable[0], usable[1:]
+        self.log(f"[{self.spec.name}] quantizing with qpipe ({self.passes}) for {', '.join(usable)} "
+                 f"(one pipeline run; minutes for a large model) ...")
         started = time.perf_counter()
         try:
-            qp.quantize(self.float_model(), passes=self.passes, output=folder, target=target, force=True,
-                        progress=False, log=lambda m: self.log(f"[{self.spec.name}]   {m}"))
+            result = qp.quantize(self.float_model(), passes=self.passes, output=folders[first], target=first,
+                                 force=True, progress=False, log=lambda m: self.log(f"[{self.spec.name}]   {m}"))
         except QpipeError as exc:
-            self.log(f"[{self.spec.name}] skipping qpipe {target}: {exc}")
-            return None
-        with open(stamp_path, "w") as f:
+            self.log(f"[{self.spec.name}] skipping qpipe {', '.join(usable)}: {exc}")
+            return {}
+        self._stamp(folders[first], want, first)
+        self.log(f"[{self.spec.name}] qpipe {first} written in {time.perf_counter() - started:.0f} s")
+        out = {first: folders[first]}
+        for t in rest:
+            try:
+                write_like(folders[first], folders[t], result.gm, result.float_model.example_inputs[0],
+                           result.report, t)
+            except QpipeError as exc:
+                self.log(f"[{self.spec.name}] skipping qpipe {t}: {exc}")
+                continue
+            self._stamp(folders[t], want, first)
+            out[t] = folders[t]
+            self.log(f"[{self.spec.name}] qpipe {t} written from the same integer graph")
+        return out
+
+    @staticmethod
+    def _stamp(folder: str, want: dict[str, Any], run_of: str) -> None:
+        with open(folder + ".stamp", "w") as f:
             json.dump(want, f)
-        self.log(f"[{self.spec.name}] qpipe {target} written in {time.perf_counter() - started:.0f} s")
-        return folder
+        with open(folder + ".run", "w") as f:  # which folder's pipeline run this one was written from
+            f.write(run_of + "\n")
 
     def build(self, targets: list[str], need_ort: bool = True) -> Artifacts:
         features, feat_in, frames = self.features()
@@ -386,10 +440,17 @@ class Preparer:
         art = Artifacts(self.spec, self.dir, self.nemo, self.float_pt2(), float_onnx,
                         self.ort_models(float_onnx) if need_ort else {}, features=features,
                         feat_in=feat_in, frames=frames)
-        for t in targets:
-            folder = self.qpipe_folder(t)
-            if folder:
-                art.qpipe[t] = folder
+        art.qpipe = self.qpipe_folders(targets)
+        want = {"sources": qpipe_sources_hash(), "passes": self.passes}
+        for t, folder in art.qpipe.items():
+            from qpipe.backends import read_meta
+
+            with open(folder + ".stamp") as f:
+                have = json.load(f)
+            run_of = open(folder + ".run").read().strip() if os.path.isfile(folder + ".run") else t
+            art.info.setdefault("qpipe_folders", {})[t] = {
+                "created": read_meta(folder).get("created"), "qpipe_sources": have.get("sources"),
+                "stale": have != want, "pipeline_run_of": run_of}
         if art.qpipe:
             from qpipe.backends import read_meta
 

@@ -87,6 +87,8 @@ def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
     t = str(spec["threads"])
     env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, QPIPE_ORT_THREADS=t, PYTHONPATH=ROOT)
+    if spec.get("no_spin"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.run([sys.executable, os.path.join(HERE, "_inference_child.py"), json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
@@ -107,7 +109,24 @@ def time_model(art, cands: list[str], batches: list[int], args) -> list[dict[str
     rows: list[dict[str, Any]] = []
     if not present:
         return rows
-    for b in batches:
+    all_present, seen = present, {}  # seen: candidate -> (batch, median ms) at the last batch it ran
+    for b in sorted(batches):
+        present = []
+        for c, files in all_present:
+            if args.skip_slow and c in seen:
+                pb, pm = seen[c]
+                expect_s = pm * b / pb / 1e3
+                if expect_s > args.skip_slow:
+                    log(f"[{art.spec.name} b{b}] skipping {label(c)}: about {expect_s:.0f} s a call "
+                        f"({pm:.0f} ms at batch {pb}) is past --skip-slow {args.skip_slow:g} s")
+                    rows.append({"model": art.spec.name, "batch": b, "frames": art.frames, "candidate": c,
+                                 "label": label(c), "path": files[1], "size_mb": _mb(sum(
+                                     os.path.getsize(f) for f in files[2] if os.path.isfile(f))),
+                                 "skipped": f"expected {expect_s:.0f} s per call > --skip-slow {args.skip_slow:g} s"})
+                    continue
+            present.append((c, files))
+        if not present:
+            continue
         samples: dict[str, list[float]] = {c: [] for c, _ in present}
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c, _ in present}
         for r in range(args.rounds):
@@ -115,7 +134,8 @@ def time_model(art, cands: list[str], batches: list[int], args) -> list[dict[str
             order = present[k:] + present[:k]
             for c, (kind, path, _) in order:
                 spec = {"kind": kind, "path": path, "features": art.features[b], "threads": args.threads,
-                        "warmup": args.warmup, "repeat": args.repeat, "max_seconds": args.max_seconds}
+                        "warmup": args.warmup, "repeat": args.repeat, "max_seconds": args.max_seconds,
+                        "no_spin": args.no_spin}
                 res = run_child(spec, args.child_timeout)
                 runs[c].append(res)
                 if "error" in res:
@@ -144,9 +164,12 @@ def time_model(art, cands: list[str], batches: list[int], args) -> list[dict[str
                     "output_shape": ok[0]["output_shape"], "output_dtype": ok[0]["output_dtype"],
                 })
                 row["peak_over_imports_mb"] = round(row["peak_rss_mb"] - row["rss_after_imports_mb"], 1)
+                seen[c] = (b, row["median_ms"])
             row["size_mb"] = _mb(sum(os.path.getsize(f) for f in files if os.path.isfile(f)))
             row["files"] = [os.path.relpath(f, art.dir) if f.startswith(art.dir) else f for f in files]
             rows.append(row)
+    order = {c: i for i, c in enumerate(cands)}
+    rows.sort(key=lambda r: (r["batch"], order.get(r["candidate"], 99)))
     add_ratios(rows)
     return rows
 
@@ -177,7 +200,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         rv = r.get("ratio_vs", {})
-        lines.append(f"| {r['model']} | {r['batch']} | {r['label']} | {_fmt(r.get('median_ms'), '.2f')} | "
+        ms = _fmt(r.get("median_ms"), ".2f") if "skipped" not in r else "skipped (slow)"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['label']} | {ms} | "
                      f"{_fmt(rv.get('torch-fp32'), '.3f')} | {_fmt(rv.get('ort-uint8'), '.3f')} | "
                      f"{r['size_mb']:.2f} | {_fmt(r.get('peak_rss_mb'), '.0f')} |")
     return "\n".join(lines)
@@ -200,7 +224,7 @@ def run_checks(art, rows: list[dict[str, Any]], args) -> dict[str, Any]:
     ratios = {r["batch"]: r.get("ratio_vs", {}).get("ort-uint8") for r in rows
               if r["model"] == name and r["candidate"] == "onnx-qdq"}
     if ratios:
-        out["onnx_qdq_vs_ort_uint8"] = {str(b): v for b, v in ratios.items()}
+        out["onnx_qdq_vs_ort_uint8"] = {str(b): v for b, v in ratios.items() if v is not None}
     slow = [b for b, v in ratios.items() if v is not None and v > 1.0]
     if (slow or args.profile) and "onnx-qdq" in onnx and "ort-uint8" in onnx:
         b = slow[0] if slow else min(art.features)
@@ -213,7 +237,7 @@ def run_checks(art, rows: list[dict[str, Any]], args) -> dict[str, Any]:
             log(f"[{name}] {other} integer logits against the reference ...")
             out.setdefault("agreement_vs_reference", {})[other] = checks.agreement(
                 art.qpipe["reference"], art.qpipe[other], art.feat_in, art.frames, args.threads,
-                heldout=not args.quick, limit=args.eval_limit, random_batch=max(args.batch), progress=log)
+                heldout=not args.quick, limit=args.agree_limit, random_batch=args.agree_batch, progress=log)
     if art.spec.random_weights or not art.has_vocabulary or args.quick:
         out["wer"] = "skipped: random weights (a WER of noise says nothing)" if art.spec.random_weights else "skipped"
     else:
@@ -263,6 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed calls per process (fewer past --max-seconds)")
     ap.add_argument("--max-seconds", type=float, default=20.0, help="stop a process's timed calls after this many seconds")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-slow", type=float, metavar="S",
+                    help="skip a candidate at a larger batch when its time at a smaller one scales past S seconds a call")
     ap.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES,
                     help=f"baselines ({', '.join(BASELINES)}) and qpipe target names")
     ap.add_argument("--passes", default="default", help="qpipe pipeline for the targets")
@@ -271,9 +297,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="rebuild every cached file")
     ap.add_argument("--reuse-stale", action="store_true",
                     help="keep cached qpipe folders written by older qpipe sources (default: quantize again)")
+    ap.add_argument("--prepare-only", action="store_true", help="build the cache (models, ORT baselines, qpipe folders), time nothing")
+    ap.add_argument("--no-spin", action="store_true",
+                    help="idle threads sleep instead of spinning, in every candidate: OMP_WAIT_POLICY=PASSIVE (torch) and "
+                         "ORT's session.intra_op.allow_spinning=0 (all sessions); for a machine with more busy threads than cores")
     ap.add_argument("--no-checks", dest="checks", action="store_false", help="latency only")
     ap.add_argument("--profile", action="store_true", help="profile ORT even when onnx-qdq is not slower")
-    ap.add_argument("--eval-limit", type=int, help="held-out utterances for the agreement and WER checks (default all)")
+    ap.add_argument("--eval-limit", type=int, help="held-out utterances for the WER check (default all)")
+    ap.add_argument("--agree-limit", type=int, help="held-out utterances for the onnx-qdq vs reference check (default all)")
+    ap.add_argument("--agree-batch", type=int, default=2, help="random-feature utterances for that check")
     ap.add_argument("--child-timeout", type=float, default=900.0)
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--quick", action="store_true",
@@ -288,6 +320,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if opt not in given:
                 setattr(args, dest, value)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.no_spin:  # the checks in this process, too (before torch is imported)
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch
 
     torch.set_num_threads(args.threads)
@@ -306,7 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"command": " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]),
                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
                               "settings": {k: getattr(args, k) for k in ("batch", "seconds", "rounds", "warmup", "repeat",
-                                                                          "max_seconds", "threads", "candidates", "passes",
+                                                                          "max_seconds", "skip_slow", "threads", "candidates", "passes", "no_spin",
                                                                           "calib", "quick")},
                               "units": {"median_ms": "ms per call (median of every timed call of every round)",
                                         "ratio_vs": "median time / the baseline's median time",
@@ -321,6 +355,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         except QpipeError as exc:
             print(f"inference.py: error: {spec.name}: {exc}", file=sys.stderr)
             return 2
+        if args.prepare_only:
+            log(f"[{spec.name}] prepared in {prep.dir}: {', '.join(sorted(art.qpipe)) or 'no qpipe targets'}")
+            continue
+        result.setdefault("artifacts", {})[spec.name] = {"dir": art.dir, "frames": art.frames, "feat_in": art.feat_in,
+                                                         **art.info}
         result["skipped"] += [{"model": spec.name, "candidate": t} for t in targets if t not in art.qpipe]
         log(f"[{spec.name}] timing {len(args.candidates)} candidates x {len(args.batch)} batch sizes x {args.rounds} rounds "
             f"({art.frames} frames, {args.threads} threads) ...")
@@ -340,6 +379,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for model, c in result["checks"].items():
         for line in check_lines(model, c):
             print(line)
+    if args.prepare_only:
+        return 0
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
