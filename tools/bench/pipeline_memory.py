@@ -57,7 +57,7 @@ def build(name: str, cache: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="+", help=".nemo files or nemo_configs names")
+    p.add_argument("models", nargs="*", help=".nemo files or nemo_configs names")
     p.add_argument("--passes", default="default")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads in each child")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/qpipe-bench"))
