@@ -18,6 +18,10 @@ namespace {
 
 constexpr int TB = 8;   // output time steps per block (accumulators in registers)
 constexpr int CB = 16;  // channels per vector (one 512-bit fp32 register)
+// Elementwise kernels split work only in pieces of at least this many elements: a
+// parallel region costs a barrier, and on a busy machine a barrier can wait a whole
+// scheduler slice for the other thread; these loops are memory-bound and short.
+constexpr int64_t MIN_PARALLEL = 1 << 18;
 
 inline int64_t rq1(int64_t v, int64_t m, int64_t half, int64_t s, int64_t lo, int64_t hi) {
   int64_t p = (int64_t)((uint64_t)v * (uint64_t)m + (uint64_t)half);
@@ -124,7 +128,7 @@ inline void rq_row(const AccT* __restrict a, OutT* __restrict o, const int64_t* 
 template <typename AccT, typename OutT>
 void rq_rows(const AccT* a, OutT* o, const int64_t* bd, const int64_t* md, const int64_t* hd, const int64_t* sd,
              int64_t N, int64_t C, int64_t lo, int64_t hi) {
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, std::max<int64_t>(1, MIN_PARALLEL / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) rq_row<AccT, OutT>(a + i * C, o + i * C, bd, md, hd, sd, C, lo, hi);
   });
 }
@@ -176,7 +180,7 @@ torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, i
   const int8_t* ad = a.data_ptr<int8_t>();
   const int8_t* bd = b.data_ptr<int8_t>();
   const int64_t half = s > 0 ? (int64_t(1) << (s - 1)) : 0;
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, MIN_PARALLEL, [&](int64_t begin, int64_t end) {
     if (out_bits <= 8)
       add_span<int8_t>(ad + begin, bd + begin, out.data_ptr<int8_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
     else
@@ -198,7 +202,7 @@ std::tuple<torch::Tensor, int64_t> quantize_cl(torch::Tensor x, double scale, in
   const float* xd = x.data_ptr<float>();
   std::atomic<int64_t> special{0};
   const double dhi = (double)hi;
-  at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C, std::max<int64_t>(1, MIN_PARALLEL / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
     int64_t bad = 0;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / C, c = i % C;
