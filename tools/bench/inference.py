@@ -367,6 +367,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["rows"] += rows
         if args.checks:
             result["checks"][spec.name] = run_checks(art, rows, args)
+    if args.prepare_only:
+        return 0
     result["loadavg_end"] = os.getloadavg()
     result["seconds"] = round(time.time() - started, 1)
     table = markdown_table(result["rows"])
@@ -379,8 +381,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     for model, c in result["checks"].items():
         for line in check_lines(model, c):
             print(line)
-    if args.prepare_only:
-        return 0
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
