@@ -190,8 +190,9 @@ def _quantize(model: ModelLike, pipeline, backend, slot: Optional[OutputSlot], e
             extra={"metrics": metrics, "model_info": fm.info, "loaded_passes": [os.path.abspath(p) for p in load],
                    **layer_facts_quietly(float_gm, gm, calib)},  # report.html: accumulator proofs, per-layer SQNR
         )
-        result.output = write_folder(output, gm, record, fm.example_inputs[0], report, target=backend, slot=slot)
-        write_report_quietly(result.output)  # OUT/report.html; a failure is a warning line, not a failed run
+        # OUT/report.html is written inside the atomic write; a failure is a warning line, not a failed run
+        result.output = write_folder(output, gm, record, fm.example_inputs[0], report, target=backend, slot=slot,
+                                     finish=lambda tmp, out: write_report_quietly(tmp, shown_as=out))
     return result
 
 

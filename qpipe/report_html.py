@@ -494,10 +494,15 @@ def _wer_section(evals: list[tuple[str, dict[str, Any]]], out_dir: str) -> str:
     return "".join(parts)
 
 
-def build_html(out_dir: str, eval_paths: Sequence[str] = ()) -> str:
-    """The page for output folder ``out_dir`` (and the eval results given, plus those in it)."""
+def build_html(out_dir: str, eval_paths: Sequence[str] = (), shown_as: Optional[str] = None) -> str:
+    """The page for output folder ``out_dir`` (and the eval results given, plus those in it).
+
+    ``shown_as``: the folder's name on the page when ``out_dir`` is the temp folder
+    it is being written in (the page is part of OUT's atomic write).
+    """
     from qpipe.backends.folder import read_meta
 
+    shown = shown_as or out_dir
     meta = read_meta(out_dir)
     ir_path = os.path.join(out_dir, "ir.txt")
     ir_text = open(ir_path, encoding="utf-8").read() if os.path.isfile(ir_path) else ""
@@ -507,7 +512,7 @@ def build_html(out_dir: str, eval_paths: Sequence[str] = ()) -> str:
     paths = list(dict.fromkeys([*map(os.path.abspath, eval_paths), *map(os.path.abspath, eval_results_in(out_dir))]))
     evals = [(p, read_eval(p)) for p in paths]
 
-    sections = [_section("summary", "Summary", _summary(meta, accs, out_dir)),
+    sections = [_section("summary", "Summary", _summary(meta, accs, shown)),
                 _section("pipeline", "Pipeline and per-pass timings", _pipeline(meta)),
                 _section("graph", "Graph before and after", _graphs(meta, lf, ir_text))]
     note = ""
@@ -525,18 +530,19 @@ def build_html(out_dir: str, eval_paths: Sequence[str] = ()) -> str:
     sections.append(_section("per-layer", "Per-layer plots: SQNR, saturation, activation ranges, weight scales", body))
     sections.append(_section("accumulators", "Accumulator bounds: no int32 overflow", _accumulator_section(accs)))
     if evals:
-        sections.append(_section("wer", "WER (qpipe eval)", _wer_section(evals, out_dir)))
+        sections.append(_section("wer", "WER (qpipe eval)", _wer_section(evals, shown)))
     else:
         sections.append(_section("wer", "WER (qpipe eval)", "<p class=note>no eval result: run <code>qpipe eval MODEL.nemo OUT --manifest M.json --json OUT/eval.json</code>, then <code>qpipe report OUT</code></p>"))
     sections.append(_section("layers", "Per-layer table", _layer_table(layers, accs)))
-    title = f"qpipe report: {os.path.basename(os.path.abspath(out_dir))}"
+    title = f"qpipe report: {os.path.basename(os.path.abspath(shown))}"
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style></head>"
             f"<body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n")
 
 
-def write_report(out_dir: str, eval_paths: Sequence[str] = (), output: Optional[str] = None) -> str:
+def write_report(out_dir: str, eval_paths: Sequence[str] = (), output: Optional[str] = None,
+                 shown_as: Optional[str] = None) -> str:
     """Write ``OUT/report.html`` (or ``output``) atomically; returns its path."""
-    page = build_html(out_dir, eval_paths)
+    page = build_html(out_dir, eval_paths, shown_as)
     path = os.path.abspath(output or os.path.join(out_dir, REPORT_NAME))
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
@@ -557,10 +563,10 @@ def write_report(out_dir: str, eval_paths: Sequence[str] = (), output: Optional[
     return path
 
 
-def write_report_quietly(out_dir: str) -> Optional[str]:
+def write_report_quietly(out_dir: str, shown_as: Optional[str] = None) -> Optional[str]:
     """For the quantize hook: a failure is one warning line on stderr, never a failed quantization."""
     try:
-        return write_report(out_dir)
+        return write_report(out_dir, shown_as=shown_as)
     except Exception as exc:  # noqa: BLE001 - the model is written; the page is a convenience
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"qpipe: warning: {REPORT_NAME} not written: {type(exc).__name__}: {first}", file=sys.stderr)

@@ -65,6 +65,28 @@ def test_folder_has_report_with_every_section(quantized):
     assert page.count("<svg") == 2  # before and after
 
 
+def test_report_is_written_inside_the_atomic_write_and_names_out(quantized, tmp_path, monkeypatch):
+    """report.html is in the temp folder before the rename, and the page names OUT, not the temp folder."""
+    import qpipe.api as qp
+    from qpipe.backends.folder import OutputSlot
+
+    _, out = quantized
+    assert "<title>qpipe report: out</title>" in _page(out) and ".qpipe-" not in _page(out).split("<h1>")[1][:200]
+    seen = {}
+    commit = OutputSlot.commit
+
+    def spy(self):
+        seen["files"] = sorted(os.listdir(self.tmp))
+        return commit(self)
+
+    monkeypatch.setattr(OutputSlot, "commit", spy)
+    from qpipe.frontends.torch import from_module
+
+    fm = from_module(TinyASR().eval(), (torch.randn(1, 8, 32),))
+    qp.quantize(fm, passes=FAST_PIPELINE, output=str(tmp_path / "o2"), progress=False)
+    assert "report.html" in seen["files"]
+
+
 def test_report_is_self_contained_and_images_decode(quantized):
     from PIL import Image
 

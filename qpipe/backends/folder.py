@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import GraphModule
@@ -242,11 +242,13 @@ def write_folder(
     target: str | Target = DEFAULT_TARGET,
     force: bool = False,
     slot: Optional[OutputSlot] = None,
+    finish: Optional[Callable[[str, str], Any]] = None,
 ) -> str:
     """Write OUT for ``target`` atomically (into a temp folder beside it, renamed at the end).
 
     ``slot``: the temp folder made before the slow work (:class:`OutputSlot`); without
-    one it is made now.
+    one it is made now. ``finish(temp_folder, out_dir)`` adds files that read the written ones
+    (the app's report.html) before the rename, so they are part of the atomic write.
     """
     tgt = get_target(target) if isinstance(target, str) else target
     check_available(tgt)
@@ -284,6 +286,8 @@ def write_folder(
             f.write(print_ir(gm, with_provenance=True, include_params=False))
         with open(os.path.join(tmp, "report.txt"), "w", encoding="utf-8") as f:
             f.write(report)
+        if finish is not None:
+            finish(tmp, os.path.abspath(out_dir))
         return slot.commit()
     except OSError as exc:
         slot.discard()
