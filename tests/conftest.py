@@ -67,3 +67,12 @@ def nemo_tiny_path(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("nemo") / "quartznet_tiny.nemo"
     return str(build_random_nemo("quartznet_tiny", str(path), seed=1))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny-tensor kernel tests: intra-op threads only add synchronization (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

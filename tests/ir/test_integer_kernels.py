@@ -25,13 +25,7 @@ M_LIMIT = 2**31  # dyadic multipliers are < 2**31
 MAX_SHIFT = 62
 OUT_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add synchronization (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 FAST = settings(max_examples=150, deadline=None, database=None)

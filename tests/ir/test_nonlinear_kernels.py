@@ -28,12 +28,7 @@ ONE = 1 << EXP_FRAC
 FAST = settings(max_examples=50, deadline=None, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------------------------------- reference
