@@ -54,7 +54,9 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
+from qpipe.backends.onnx.islands import LOWERINGS as ISLAND_LOWERINGS
 from qpipe.backends.onnx.ort_rounding import MatchStats, match_add_scales, match_conv_scales
+from qpipe.backends.onnx.values import QCodes, Real
 from qpipe.backends.target import SaveRecord, Target, register_target
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import fetch_attr
@@ -135,24 +137,8 @@ class ExportInfo:
 # values
 
 
-@dataclass
-class _Q:
-    """Integer codes in ONNX: ``real = (code - zp) * scale`` (per tensor)."""
-
-    name: str
-    scale: float
-    zp: int
-    elem: int  # onnx TensorProto element type
-    bits: int
-    lo: int = -(1 << 15)  # the range of the codes, in qpipe's units (after qpipe's clamp)
-    hi: int = (1 << 15) - 1
-
-
-@dataclass
-class _R:
-    """A real-valued float32 tensor (a dequantized activation or an accumulator)."""
-
-    name: str
+_Q = QCodes  # the builder's short names
+_R = Real
 
 
 def _require_onnx():
@@ -186,6 +172,7 @@ class _Builder:
         self.output_integer = True
         self.match = layout.weight_scale == "matched" and layout.activations == "uint8"
         self.stats = MatchStats()
+        self.islands: dict[str, str] = {}  # qpipe op name -> "integer" or "float island" (islands.py)
 
     # -- naming and constants ------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -353,6 +340,8 @@ class _Builder:
                 return self.lower_add(node, spec)
             if name == "clamp_int":
                 return self.lower_clamp(node, spec)
+            if name in ISLAND_LOWERINGS:
+                return ISLAND_LOWERINGS[name](self, node, spec)
             raise QpipeError(f"onnx-qdq: no ONNX lowering for qpipe.{name} (%{node.name})")
         return self.lower_aten(node)
 
