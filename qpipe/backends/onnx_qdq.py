@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
-from qpipe.backends.onnx.islands import LOWERINGS as ISLAND_LOWERINGS
+from qpipe.backends.onnx.islands import ATEN_LOWERINGS, LOWERINGS as ISLAND_LOWERINGS
 from qpipe.backends.onnx.ort_rounding import MatchStats, match_add_scales, match_conv_scales
 from qpipe.backends.onnx.values import QCodes, Real
 from qpipe.backends.target import SaveRecord, Target, register_target
@@ -131,6 +131,7 @@ class ExportInfo:
     output_bits: int
     op_counts: dict[str, int] = field(default_factory=dict)
     rounding: dict[str, int] = field(default_factory=dict)  # MatchStats of the matched scales
+    islands: dict[str, str] = field(default_factory=dict)  # op -> "integer" / "float island" (islands.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,6 +567,8 @@ class _Builder:
         t = node.target
         if t in (aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv):
             return ("sym", node)
+        if t in ATEN_LOWERINGS:
+            return ATEN_LOWERINGS[t](self, node)
         if t is operator.getitem:
             raise QpipeError(f"onnx-qdq: cannot export getitem (%{node.name})")
         x = self.value(node.args[0])
@@ -707,6 +710,7 @@ def export_onnx(
         output_bits=int(outputs[0].get("bits", 16)),
         op_counts=dict(sorted(counts.items())),
         rounding=builder.stats.to_json() if builder.match else {},
+        islands=dict(sorted(builder.islands.items())),
     )
 
 
