@@ -2,7 +2,11 @@
 
 A requantization by a real ratio ``r`` becomes an integer multiply by ``m`` and a
 right shift by ``s`` (round half up). ``m`` keeps 31 bits so that ``acc * m``
-with a 32-bit accumulator fits in a signed 64-bit product.
+with a 32-bit accumulator fits in a signed 64-bit product. A wider accumulator
+(16-bit weights times 16-bit activations reach ~2**40) gets a shorter ``m``:
+:func:`dyadic_bounded` takes the accumulator's proven bound and drops bits of
+``m`` (and as many of ``s``) only until ``bound * m + 2**(s-1)`` fits int64, so
+every pair that already fitted is unchanged.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from fractions import Fraction
 
 M_BITS = 31
 MAX_SHIFT = 62
+INT64_MAX = (1 << 63) - 1
 
 
 def dyadic(ratio: float, m_bits: int = M_BITS) -> tuple[int, int]:
@@ -35,6 +40,53 @@ def dyadic(ratio: float, m_bits: int = M_BITS) -> tuple[int, int]:
         m >>= 1
         shift -= 1
     return m, shift
+
+
+def product_fits(bound: int, ms, s: int, bounds=None) -> bool:
+    """``sum_i bound_i * m_i + 2**(s-1) <= 2**63 - 1``: the rounded product of every ``|v_i| <= bound_i`` fits int64.
+
+    ``ms`` is one multiplier or a list (an add of several terms, each ``|v_i| <= bounds[i]``,
+    or all ``<= bound`` when ``bounds`` is None).
+    """
+    ms = [ms] if isinstance(ms, int) else list(ms)
+    bounds = [bound] * len(ms) if bounds is None else list(bounds)
+    half = (1 << (s - 1)) if s > 0 else 0
+    return sum(int(b) * abs(int(m)) for b, m in zip(bounds, ms)) + half <= INT64_MAX
+
+
+def dyadic_bounded(ratio: float, bound: int, m_bits: int = M_BITS) -> tuple[int, int]:
+    """``dyadic(ratio, k)`` for the largest ``k <= m_bits`` with ``bound * m + 2**(s-1) < 2**63``.
+
+    ``bound`` is a proven bound on ``|acc|``: with it the kernel's int64 ``acc * m + 2**(s-1)``
+    cannot overflow. Where ``m_bits`` already fits (every 32-bit accumulator) the pair is
+    exactly ``dyadic(ratio, m_bits)``.
+    """
+    bound = int(bound)
+    for bits in range(m_bits, 0, -1):
+        try:
+            m, s = dyadic(ratio, m_bits=bits)
+        except ValueError:  # the ratio needs more integer bits than are left
+            if bits == m_bits:
+                raise
+            break
+        if product_fits(bound, m, s):
+            return m, s
+    raise ValueError(f"requantization ratio {ratio!r} of an accumulator bounded by {bound} cannot be "
+                     f"applied in int64 (|acc| * m + 2**(s-1) overflows for every m)")
+
+
+def dyadic_common_shift_bounded(ratios: list[float], bounds: list[int], m_bits: int = M_BITS) -> tuple[list[int], int]:
+    """``dyadic_common_shift`` narrowed like :func:`dyadic_bounded`: ``sum_i bounds_i * m_i + 2**(s-1) < 2**63``."""
+    for bits in range(m_bits, 0, -1):
+        try:
+            ms, s = dyadic_common_shift(ratios, m_bits=bits)
+        except ValueError:
+            if bits == m_bits:
+                raise
+            break
+        if product_fits(0, ms, s, bounds):
+            return ms, s
+    raise ValueError(f"requantization ratios {ratios!r} of terms bounded by {bounds} cannot be applied in int64")
 
 
 def dyadic_common_shift(ratios: list[float], m_bits: int = M_BITS) -> tuple[list[int], int]:

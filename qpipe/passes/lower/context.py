@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from qpipe.ir.dyadic import dyadic, int_range
+from qpipe.ir.dyadic import dyadic_bounded, int_range
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import add_constant, users_through
 from qpipe.ir.meta import QPARAMS, QPOLICY, set_provenance, source_name
@@ -134,12 +134,41 @@ class Lowering:
                 hi = min(hi, math.floor(a_hi / scale + 0.5))
         return lo, hi
 
-    def requant_after(self, node: Node, acc: Node, before: Node, channel_dim: int) -> Node:
-        """Requantize the accumulator ``acc`` (per-channel scale) to ``node``'s observed output scale."""
+    def acc_bounds(self, acc: Node, channels: int, bounds=None) -> list[int]:
+        """Per channel, a proven bound on ``|acc|``: ``bounds`` (one or per channel) or the ``acc_bound`` its lowering recorded."""
+        if bounds is None:
+            recorded = (acc.meta.get(QPARAMS) or {}).get("acc_bound")
+            if recorded is None:  # no proof recorded: the accumulator's own width (32 bits at most here)
+                acc_bits = self.qtype(acc).bits
+                if acc_bits > 32:
+                    raise QpipeError(f"%{acc.name}: a {acc_bits}-bit accumulator without a recorded bound")
+                recorded = 1 << (acc_bits - 1)
+            bounds = recorded
+        if isinstance(bounds, (int, float)):
+            return [int(bounds)] * channels
+        bounds = [int(b) for b in bounds]
+        if len(bounds) == 1:
+            return bounds * channels
+        if len(bounds) != channels:
+            raise QpipeError(f"%{acc.name}: {len(bounds)} accumulator bounds for {channels} channels")
+        return bounds
+
+    def requant_after(self, node: Node, acc: Node, before: Node, channel_dim: int, bounds=None) -> Node:
+        """Requantize the accumulator ``acc`` (per-channel scale) to ``node``'s observed output scale.
+
+        Each channel's ``(m, s)`` is the 31-bit dyadic pair of its scale ratio, with ``m``
+        shortened only where that channel's proven ``|acc|`` bound (``bounds``, else the
+        recorded ``acc_bound``) times ``m`` would pass int64 (16-bit weights and activations).
+        """
         out_scale, bits, act, facts = self.out_qparams(node)
         lo, hi = self.int_bounds(bits, out_scale, act)  # straight to the activation's scale and clamp
         in_scales = torch.tensor(self.qtype(acc).scales, dtype=torch.float64)
-        pairs = [dyadic(r) for r in (in_scales / out_scale).tolist()]
+        ratios = (in_scales / out_scale).tolist()
+        limits = self.acc_bounds(acc, len(ratios), bounds)
+        try:
+            pairs = [dyadic_bounded(r, b) for r, b in zip(ratios, limits)]
+        except ValueError as exc:
+            raise QpipeError(f"{source_name(node)}: {exc}") from exc
         m = self.const(f"{node.name}_m", torch.tensor([p[0] for p in pairs], dtype=torch.int64), before)
         s = self.const(f"{node.name}_s", torch.tensor([p[1] for p in pairs], dtype=torch.int64), before)
         qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi,

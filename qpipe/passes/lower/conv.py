@@ -69,7 +69,13 @@ def lower_weighted(lw: Lowering, node: Node, x: Node, w_node: Node, b_node, acc_
     acc_q = {"in_scale": s_x, "w_scale": s_w.to(torch.float32), "acc_bound": bound, "acc_bits": acc_bits}
     values = {"x": xi, "w": wq_node, "bias": bias_q, "acc_bits": acc_bits, **extra}
     acc = lw.emit(before, acc_op, values, node, QType.of(acc_bits, acc_scales.tolist(), channel_dim), acc_q)
-    lw.requant_after(node, acc, before, channel_dim)
+    # per output channel, |acc| <= max|x| * sum|w_c| + |b_c|: the requant's m is shortened only where
+    # that times m could pass int64 (16-bit weights and activations), so 8-bit pairs never change
+    x_hi = int_range(x_q.bits)[1]
+    row = wq.to(torch.int64).abs().reshape(wq.shape[0], -1).sum(dim=1) * x_hi
+    if b_node is not None:
+        row = row + bq.abs().to(torch.int64)
+    lw.requant_after(node, acc, before, channel_dim, bounds=row.tolist())
 
 
 def lower_conv(node: Node, lw: Lowering) -> None:

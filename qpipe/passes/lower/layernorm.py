@@ -9,7 +9,7 @@ import math
 import torch
 from torch.fx import Node
 
-from qpipe.ir.dyadic import dyadic, int_range
+from qpipe.ir.dyadic import dyadic_bounded, int_range
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import fetch_attr
 from qpipe.ir.meta import source_name
@@ -40,7 +40,9 @@ def affine_constants(gamma: torch.Tensor, beta: torch.Tensor, core_scale: float,
     bias = torch.floor(beta.to(torch.float64) / acc_scale + 0.5)
     if float(bias.abs().max()) >= 2**40:
         raise ValueError("LayerNorm beta/gamma ratio too large for an integer bias")
-    pairs = [dyadic(r) for r in (acc_scale / out_scale).tolist()]
+    # |x * w + bias| <= hi(core) + |bias| per channel: m shortened only if that times m could pass int64
+    bounds = (int_range(CORE_BITS)[1] + bias.abs()).tolist()
+    pairs = [dyadic_bounded(r, int(b)) for r, b in zip((acc_scale / out_scale).tolist(), bounds)]
     m = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
     s = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
     return w, w_scale, bias.to(torch.int64), m, s

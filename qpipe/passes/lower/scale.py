@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from qpipe.ir.dyadic import dyadic
+from qpipe.ir.dyadic import dyadic_bounded, int_range
 from qpipe.ir.graph_utils import add_constant, fetch_attr
 from qpipe.ir.meta import set_provenance
 from qpipe.ir.qtype import QType
@@ -108,7 +108,7 @@ def _lower_scalar(node: Node, lw: Lowering, x: Node, factor: float) -> None:
     before = lw.anchor(node)
     sign = 0 if factor == 0 else (1 if factor > 0 else -1)
     w_scale = abs(factor) if sign else out_scale / float(qx.scale)
-    m, s = dyadic(float(qx.scale) * w_scale / out_scale)
+    m, s = dyadic_bounded(float(qx.scale) * w_scale / out_scale, int_range(qx.bits)[1])  # |x * sign| <= hi(x)
     values = {
         "x": xi,
         "w": lw.const(f"{node.name}_sign", torch.tensor([sign], dtype=torch.int8), before, QType.of(8, w_scale)),
