@@ -14,7 +14,7 @@ runtimes fuse them back into integer kernels:
 * ``clamp_int`` and the clamps of the ops above are exact (see below);
 * layout ops are ONNX Transpose / Reshape / Unsqueeze / ... on the integer codes.
 
-qpipe's codes are symmetric int8 in [-127, 127]. Two layouts (:data:`LAYOUTS`):
+qpipe's codes are symmetric int8 in [-127, 127]. Three layouts (:data:`LAYOUTS`):
 
 ``ort`` (the default, what ``--target onnx-qdq`` writes)
     activations are **uint8 with zero point 128**: the same integers, shifted,
@@ -26,6 +26,14 @@ qpipe's codes are symmetric int8 in [-127, 127]. Two layouts (:data:`LAYOUTS`):
     is ``ConvInteger`` plus qpipe's own dyadic requantization in int64
     (``(acc*m + 2**(s-1)) >> s``, floor by ``Mod``/``Div``), so the logits are
     int16 in the reference's integer units.
+``ort-fast`` (``--target onnx-qdq-fast``)
+    the graph ORT's own quantizer makes: no Clip at all (ReLU outputs uint8 with
+    zero point 0, saturating at 255 rather than qpipe's 127; signed ones at -128),
+    a float32 ``QuantizeLinear`` for the input, the head ``DQ -> Conv`` in float.
+    ORT then runs nothing but its fused kernels between input and head; the
+    price is that every saturated value (and every input rounded differently)
+    leaves the reference's integers, and the difference travels through the
+    layers after it (the demo QuartzNet: 97.5 % of greedy frames as the reference).
 ``tensorrt``
     what TensorRT's explicit quantization accepts: int8 activations with zero
     point 0, weights int8 per output channel (DQ axis 0), ReLU as a float
@@ -75,7 +83,11 @@ class QdqLayout:
 
     ``activations``: ``uint8`` (zero point 128) or ``int8`` (zero point 0);
     ``clamp``: where qpipe's integer clamps go: ``codes`` (a Clip of the integer
-    codes after the QuantizeLinear) or ``float`` (a Relu / Clip before it);
+    codes after the QuantizeLinear), ``float`` (a Relu / Clip before it) or
+    ``saturate`` (nowhere: the QuantizeLinear's saturation at its type's limits
+    only; not the reference's integers where they saturate);
+    ``relu_zero_point``: the zero point of a ReLU output (lo == 0) with uint8
+    activations (None: the others'; 0: the QuantizeLinear's saturation at 0 is the ReLU);
     ``exact_clamp``: also clamp a signed output to [-127, 127] (a QuantizeLinear
     saturates at -128);
     ``head``: the last (16-bit) layer as ``integer`` (ConvInteger + dyadic
@@ -95,11 +107,12 @@ class QdqLayout:
     head: str = "integer"
     weight_scale: str = "matched"
     input_quant: str = "exact"
+    relu_zero_point: Optional[int] = None
 
     def __post_init__(self) -> None:
         checks = {
             "activations": ("uint8", "int8"),
-            "clamp": ("codes", "float"),
+            "clamp": ("codes", "float", "saturate"),
             "head": ("integer", "float"),
             "weight_scale": ("qtype", "matched"),
             "input_quant": ("exact", "quantizelinear"),
@@ -107,6 +120,9 @@ class QdqLayout:
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise QpipeError(f"onnx-qdq layout {key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        if self.clamp == "saturate" and (self.activations != "uint8" or self.relu_zero_point != 0):
+            # with zero point 128 a ReLU is no saturation at all: leaving its clamp out would drop the ReLU
+            raise QpipeError("onnx-qdq layout clamp='saturate' needs uint8 activations and relu_zero_point=0")
 
     @property
     def zero_point(self) -> int:
@@ -115,6 +131,8 @@ class QdqLayout:
 
 LAYOUTS = {
     "ort": QdqLayout("ort"),
+    "ort-fast": QdqLayout("ort-fast", clamp="saturate", exact_clamp=False, head="float", input_quant="quantizelinear",
+                          relu_zero_point=0),
     "tensorrt": QdqLayout("tensorrt", activations="int8", clamp="float", head="float", weight_scale="qtype",
                           input_quant="quantizelinear"),
 }
@@ -173,6 +191,7 @@ class _Builder:
         self.output_integer = True
         self.match = layout.weight_scale == "matched" and layout.activations == "uint8"
         self.stats = MatchStats()
+        self.saturated = 0  # clamps left to the QuantizeLinear's saturation (clamp="saturate")
         self.islands: dict[str, str] = {}  # qpipe op name -> "integer" or "float island" (islands.py)
 
     # -- naming and constants ------------------------------------------------------------
@@ -215,6 +234,23 @@ class _Builder:
             return self.TP.INT16, 0, np.int16
         raise QpipeError(f"onnx-qdq: no ONNX activation type for {bits} bits")
 
+    def output_zp(self, lo: int, bits: int, zp: int) -> int:
+        """The zero point of an activation whose clamp starts at ``lo``: the layout's ``relu_zero_point``
+        for a ReLU output (0: the QuantizeLinear's saturation at 0 is the ReLU), else ``zp``."""
+        if lo == 0 and bits <= 8 and self.layout.relu_zero_point is not None and self.layout.activations == "uint8":
+            return self.layout.relu_zero_point
+        return zp
+
+    def kept_range(self, lo: int, hi: int, bits: int) -> tuple[int, int]:
+        """The range an output clamped to [lo, hi] has in ONNX, in qpipe units: [lo, hi], or with
+        ``clamp="saturate"`` the range of its code type (the clamp is left out)."""
+        if self.layout.clamp != "saturate":
+            return lo, hi
+        _, zp, npdtype = self.act_type(bits)
+        zp = self.output_zp(lo, bits, zp)
+        info = np.iinfo(npdtype)
+        return int(info.min) - zp, int(info.max) - zp
+
     def zp_const(self, zp: int, npdtype) -> str:
         return self.const("zp", np.array(zp, dtype=npdtype))
 
@@ -232,12 +268,18 @@ class _Builder:
         if qt.per_channel:
             raise QpipeError(f"onnx-qdq: {hint}: a per-channel activation scale cannot be a per-tensor QuantizeLinear")
         elem, zp, npdtype = self.act_type(qt.bits)
+        zp = self.output_zp(lo, qt.bits, zp)
         scale = float(qt.scale)
         info = np.iinfo(npdtype)
         code_lo, code_hi = int(info.min) - zp, int(info.max) - zp  # what the Q saturates to, in qpipe units
         need_lo, need_hi = lo > code_lo, hi < code_hi
         if not self.layout.exact_clamp and lo == -code_hi:
             need_lo = False  # -127 against the Q's -128, left to saturation
+        if self.layout.clamp == "saturate":  # the Q's saturation only: codes may pass qpipe's clamp
+            if need_lo or need_hi:
+                self.saturated += 1
+            need_lo = need_hi = False
+            lo, hi = code_lo, code_hi
         if (need_lo or need_hi) and self.layout.clamp == "float":  # a Relu / Clip before the Q
             if lo == 0 and not need_hi:
                 real = self.node("Relu", [real], f"{hint}_relu")
@@ -255,7 +297,7 @@ class _Builder:
             clip_lo = self.const("clip_lo", np.array(max(lo, code_lo) + zp, dtype=npdtype))
             clip_hi = self.const("clip_hi", np.array(min(hi, code_hi) + zp, dtype=npdtype))
             name = self.node("Clip", [name, clip_lo, clip_hi], f"{hint}_clip")
-        return _Q(name, scale, zp, elem, qt.bits, lo, hi)
+        return _Q(name, scale, zp, elem, qt.bits, max(lo, code_lo), min(hi, code_hi))
 
     # -- graph ---------------------------------------------------------------------------
     def value(self, arg: Any) -> Any:
@@ -412,7 +454,8 @@ class _Builder:
             bound = w.to(torch.int64).abs().reshape(cout, -1).sum(1).numpy() * reach
             if bias is not None:
                 bound = bound + bias.to(torch.int64).abs().numpy()
-            sw32 = match_conv_scales(x.scale, sy, m, s, int(b["lo"]), int(b["hi"]), bound, start, stats=self.stats)
+            lo, hi = self.kept_range(int(b["lo"]), int(b["hi"]), out_qt.bits)
+            sw32 = match_conv_scales(x.scale, sy, m, s, lo, hi, bound, start, stats=self.stats)
         sxw = (np.float32(x.scale) * sw32).astype(np.float32)
         return sw32, sxw
 
@@ -539,12 +582,15 @@ class _Builder:
         sa = sb = None
         if self.match and isinstance(a, _Q) and isinstance(c, _Q) and a.elem == c.elem == self.TP.UINT8:
             out_qt = self.qtype(node)
+            lo, hi = int(b["lo"]), int(b["hi"])
+            zc = self.output_zp(lo, out_qt.bits, 128)
+            lo, hi = self.kept_range(lo, hi, out_qt.bits)
             sa, sb = match_add_scales(
                 a.scale, c.scale, float(out_qt.scale),
                 int(self.tensor(b["ma"]).reshape(-1)[0]), int(self.tensor(b["mb"]).reshape(-1)[0]),
                 int(self.tensor(b["s"]).reshape(-1)[0]), (a.lo, a.hi), (c.lo, c.hi),
-                int(b["lo"]), int(b["hi"]), zp=a.zp, stats=self.stats,
-            ) if a.zp == c.zp == 128 else (None, None)
+                lo, hi, zp=a.zp, zb=c.zp, zc=zc, stats=self.stats,
+            )
         y = self.node("Add", [self.dq(a, f"{node.name}_a", sa), self.dq(c, f"{node.name}_b", sb)], f"{node.name}_add")
         return self.finish_rq(node, b, y, self.qtype(node))
 
@@ -788,16 +834,34 @@ class OnnxQdqTarget(Target):
     name = "onnx-qdq"
     summary = "ONNX QDQ model (model.onnx) that ONNX Runtime's CPU provider runs on integer kernels"
     files = (MODEL_FILE,)
+    layout = "ort"
 
     def available(self) -> tuple[bool, str]:
         missing = ort_available()
         return missing is None, missing or ""
 
     def write(self, folder: str, gm: GraphModule, record: SaveRecord, example: torch.Tensor) -> None:
-        export_onnx(gm, os.path.join(folder, MODEL_FILE), "ort")
+        export_onnx(gm, os.path.join(folder, MODEL_FILE), self.layout)
 
     def load(self, folder: str, meta: dict[str, Any]) -> OnnxQdqRunner:
         outputs = meta.get("outputs") or [{}]
         threads = int(os.environ.get(THREADS_ENV, "0") or 0)
         return OnnxQdqRunner(os.path.join(folder, MODEL_FILE), threads=threads,
                              output_scale=outputs[0].get("scale"), output_bits=int(outputs[0].get("bits", 16)))
+
+
+@register_target
+class OnnxQdqFastTarget(OnnxQdqTarget):
+    """``--target onnx-qdq-fast``: the ``ort-fast`` layout, the graph ONNX Runtime's own quantizer makes.
+
+    Every clamp is the QuantizeLinear's saturation (ReLU outputs uint8 with zero
+    point 0, saturating at 255 instead of qpipe's 127; other outputs at -128), the
+    input a float32 QuantizeLinear, the 16-bit head a float conv: no Clip or
+    integer side chain is left for ORT to run between its fused kernels. The
+    integers are therefore no longer the reference program's where it saturates
+    (or rounds an input differently), and the differences travel; measure WER.
+    """
+
+    name = "onnx-qdq-fast"
+    summary = "onnx-qdq without qpipe's clamps (ORT's saturation instead): faster, not the reference's numbers"
+    layout = "ort-fast"

@@ -162,7 +162,40 @@ def test_unsupported_layouts_and_ops_fail_in_one_line(tiny_int, tmp_path):
         export_onnx(tiny_int[0].gm, str(tmp_path / "x.onnx"), "nope")
     with pytest.raises(QpipeError, match="activations='uint4'"):
         QdqLayout("bad", activations="uint4")
-    assert set(LAYOUTS) == {"ort", "tensorrt"}
+    with pytest.raises(QpipeError, match="clamp='saturate' needs uint8 activations and relu_zero_point=0"):
+        QdqLayout("bad", clamp="saturate")  # zero point 128: leaving the clamp out would drop every ReLU
+    assert set(LAYOUTS) == {"ort", "ort-fast", "tensorrt"}
+
+
+def test_relu_outputs_at_zero_point_0_stay_bit_identical(tiny_int, tmp_path):
+    """ReLU outputs as uint8 with zero point 0 (the QuantizeLinear's saturation is the ReLU, a Clip keeps
+    qpipe's 127): the residual add then mixes zero points 128 and 0, and its scales must still match."""
+    gm = tiny_int[0].gm
+    info = export_onnx(gm, str(tmp_path / "zp0.onnx"), QdqLayout("zp0", relu_zero_point=0))
+    zps = {int(onnx.numpy_helper.to_array(t)) for t in onnx.load(info.path).graph.initializer
+           if t.name.startswith("zp") and t.data_type == onnx.TensorProto.UINT8}
+    assert zps == {0, 128}
+    assert info.rounding["adds_exact"] == info.rounding["adds"] == 1
+    runner, ops = _optimized(info, tmp_path)
+    assert ops["QLinearAdd"] == 1 and ops["Conv"] == 0, ops
+    worst, agree = _agreement(gm, runner, [(1, 37), (3, 64), (2, 200)])
+    assert worst <= 1 and agree >= 0.99  # measured: 0 steps
+
+
+def test_ort_fast_layout_leaves_ort_nothing_but_its_fused_kernels(tiny_int, tmp_path):
+    """``ort-fast``: no Clip, no float64 input chain, no integer head chain; the integers may leave the
+    reference's where a value saturates, so only closeness is asserted."""
+    gm = tiny_int[0].gm
+    info = export_onnx(gm, str(tmp_path / "fast.onnx"), "ort-fast")
+    assert not info.output_integer
+    runner, ops = _optimized(info, tmp_path)
+    leftovers = set(ops) - {"QLinearConv", "QLinearAdd", "QuantizeLinear", "DequantizeLinear", "Conv", "FusedConv",
+                            "Transpose", "Identity"}
+    assert not leftovers, ops
+    assert ops["Clip"] == ops["Cast"] == ops["ConvInteger"] == 0, ops
+    assert ops["QLinearConv"] == len(_ops(gm, "conv1d_rq")) - 1  # all but the float head
+    _, agree = _agreement(gm, runner, [(1, 37), (3, 64), (2, 200)])
+    assert agree >= 0.9
 
 
 class _LinearModel(torch.nn.Module):
@@ -262,6 +295,32 @@ def test_the_qlinearadd_emulation_is_ort_bit_for_bit():
         r_ac, r_bc = np.float32(sa) / np.float32(sc), np.float32(sb) / np.float32(sc)
         want = ort_qladd_u8(a.reshape(-1), b.reshape(-1), r_ac, r_bc, 128, 128, 128).clip(0, 255)
         assert np.array_equal(got, want)
+
+
+
+def test_the_qlinearadd_emulation_is_ort_bit_for_bit_with_mixed_zero_points():
+    """A residual add of a signed output (zero point 128) and a ReLU output (zero point 0) into a ReLU output."""
+    from onnx import TensorProto as TP, helper, numpy_helper as nh
+
+    from qpipe.backends.onnx.ort_rounding import ort_qladd_u8
+
+    a = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, -1)
+    b = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, -1)
+    sa, sb, sc = 0.0113, 0.0071, 0.0150
+    inits = [nh.from_array(np.array(v, np.float32), n) for v, n in ((sa, "sa"), (sb, "sb"), (sc, "sc"))]
+    inits += [nh.from_array(np.array(128, np.uint8), "z128"), nh.from_array(np.array(0, np.uint8), "z0")]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["a", "sa", "z128"], ["ad"]),
+        helper.make_node("DequantizeLinear", ["b", "sb", "z0"], ["bd"]),
+        helper.make_node("Add", ["ad", "bd"], ["y"]),
+        helper.make_node("QuantizeLinear", ["y", "sc", "z0"], ["q"]),
+    ]
+    vi = [helper.make_tensor_value_info(n, TP.UINT8, [1, 1, 65536]) for n in ("a", "b")]
+    sess = _session(nodes, vi, [helper.make_tensor_value_info("q", TP.UINT8, None)], inits)
+    got = sess.run(None, {"a": a, "b": b})[0].reshape(-1).astype(np.int64)
+    r_ac, r_bc = np.float32(sa) / np.float32(sc), np.float32(sb) / np.float32(sc)
+    want = ort_qladd_u8(a.reshape(-1), b.reshape(-1), r_ac, r_bc, 128, 0, 0).clip(0, 255)
+    assert np.array_equal(got, want)
 
 
 # --------------------------------------------------------------------------- the demo QuartzNet

@@ -133,9 +133,16 @@ def ort_qladd_u8(a: np.ndarray, b: np.ndarray, r_ac: np.float32, r_bc: np.float3
 def match_add_scales(
     sa: float, sb: float, sc: float, ma: int, mb: int, s: int, a_range: tuple[int, int], b_range: tuple[int, int],
     lo: int, hi: int, zp: int = 128, ulps: int = 12, stats: MatchStats | None = None,
+    zb: int | None = None, zc: int | None = None,
 ) -> tuple[np.float32, np.float32]:
     """float32 scales for the add's two DequantizeLinear inputs (the output's kept) with which ORT's
-    QLinearAdd equals qpipe's ``(a*ma + b*mb + 2**(s-1)) >> s`` on every pair of input codes."""
+    QLinearAdd equals qpipe's ``(a*ma + b*mb + 2**(s-1)) >> s`` on every pair of input codes.
+
+    ``zp``: the first input's zero point, ``zb`` / ``zc`` the second input's and the output's
+    (default: ``zp``); [lo, hi]: the output range compared, in qpipe units."""
+    za = zp
+    zb = za if zb is None else zb
+    zc = za if zc is None else zc
     a = np.arange(a_range[0], a_range[1] + 1, dtype=np.int64)
     b = np.arange(b_range[0], b_range[1] + 1, dtype=np.int64)
     A, B = (g.reshape(-1) for g in np.meshgrid(a, b, indexing="ij"))
@@ -155,8 +162,8 @@ def match_add_scales(
     order_b = sorted(rb, key=lambda r: abs(r - target_b))
     for r_a in order_a:
         for r_b in order_b:
-            got = ort_qladd_u8(A + zp, B + zp, F32(r_a), F32(r_b), zp, zp, zp)
-            got = np.clip(np.clip(got, 0, 255) - zp, lo, hi)
+            got = ort_qladd_u8(A + za, B + zb, F32(r_a), F32(r_b), za, zb, zc)
+            got = np.clip(np.clip(got, 0, 255) - zc, lo, hi)
             bad = int((got != ref).sum())
             key = (bad, abs(r_a - target_a) / target_a + abs(r_b - target_b) / target_b)
             if best is None or key < best[0]:
