@@ -34,12 +34,13 @@ def test_conformer_tiny_becomes_integer_only(tmp_path):
         .check("qpipe.silu_int(").check("qpipe.add_requant(") \
         .check("qpipe.matmul_rq(").check("qpipe.pad_int(").check("pad=[1, 0]") \
         .check("qpipe.matmul_rq(").check("qpipe.add_requant(").check("qpipe.scale_rq(") \
-        .check("qpipe.masked_fill_int(").check("value=-127").check("qpipe.softmax_int(") \
+        .check("qpipe.masked_softmax_int(").check("fill=-10000.0") \
         .check("qpipe.masked_fill_int(").check("value=0").check("qpipe.matmul_rq(") \
         .check("qpipe.glu_int(").check("qpipe.masked_fill_int(").check("qpipe.pad_int(").check("pad=[7, 7]") \
         .check("qpipe.conv1d_rq(").check("groups=64").check("qpipe.silu_int(").run(ir)
     FileCheck().check_count("qpipe.layer_norm_core(", 10, exactly=True).run(ir)  # 5 per layer, 2 layers
-    FileCheck().check_count("qpipe.softmax_int(", 2, exactly=True).run(ir)
+    FileCheck().check_count("qpipe.masked_softmax_int(", 2, exactly=True).run(ir)
+    assert "qpipe.softmax_int(" not in ir  # both attention softmaxes take their mask inside
     FileCheck().check_count("qpipe.matmul_rq(", 6, exactly=True).check_not("qpipe.matmul_acc").run(ir)
     for op in ("aten.layer_norm", "aten.matmul", "aten.softmax", "aten.linear(", "aten.conv", "aten.batch_norm",
                "aten.mul.Tensor", "aten.div.Tensor", "aten.masked_fill", "aten.pad(", "aten.silu", "aten.glu"):

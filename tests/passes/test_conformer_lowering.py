@@ -2,7 +2,7 @@
 the default passes: xscaling and the 0.5 feed-forward factor folded into weights,
 LayerNorm as layer_norm_core + scale_rq, rel-pos attention with its constants
 quantized (pos_bias_u/v, linear_pos of a positional-encoding slice folded into one
-constant), rel_shift's pad, masked_fill with the integer minimum, softmax, both
+constant), rel_shift's pad, masked_fill(-10000) + softmax as one masked softmax, both
 matmuls, the conv module's depthwise conv + BN folded, and no float op left."""
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ def test_toy_conformer_becomes_integer_with_no_float_op():
         .check("qpipe.layer_norm_core(").check("frac_bits=14").check(": i16[").check("qpipe.scale_rq(") \
         .check("qpipe.silu_int(") \
         .check("qpipe.matmul_rq(").check("qpipe.pad_int(").check("pad=[1, 0], value=0") \
-        .check("qpipe.add_requant(").check("qpipe.scale_rq(").check("qpipe.masked_fill_int(").check("value=-127") \
-        .check("qpipe.softmax_int(").check("qpipe.masked_fill_int(").check("value=0").check("qpipe.matmul_rq(") \
+        .check("qpipe.add_requant(").check("qpipe.scale_rq(").check("qpipe.masked_softmax_int(").check("fill=-10000.0") \
+        .check("qpipe.masked_fill_int(").check("value=0").check("qpipe.matmul_rq(") \
         .check("qpipe.glu_int(").check("qpipe.pad_int(").check("pad=[2, 2]").check("qpipe.conv1d_rq(") \
         .check("groups=16").run(text)
     FileCheck().check_count("qpipe.layer_norm_core(", 4, exactly=True).check_not("aten.layer_norm").run(text)
@@ -122,7 +122,7 @@ def test_keep16_keeps_softmax_and_layer_norm_outputs_at_16_bits():
     pipe = FAST_PIPELINE.replace("insert-observers", "insert-observers{keep16=softmax+layer_norm}")
     run = run_pipeline(fm.gm, pipe, state=fm.pipeline_state(), progress=False)
     text = print_ir(run.gm)
-    FileCheck().check("qpipe.softmax_int(").check("bits=16)").check(": i16[").run(text)
+    FileCheck().check("qpipe.masked_softmax_int(").check("bits=16)").check(": i16[").run(text)
     FileCheck().check_count("lo=-32767, hi=32767, bits=16) {", 4).run(
         "\n".join(line for line in text.splitlines() if "qpipe.scale_rq(%layer_norm" in line))
     assert run.records[1].stats["kept16"] == 5  # 4 LayerNorms + 1 softmax

@@ -1,9 +1,12 @@
 """Masking and padding in integers: the fill value's integer image at the input's scale.
 
 ``aten.masked_fill(x, mask, v)`` -> ``qpipe.masked_fill_int(x, mask, round(v / S_x))``
-clamped to the input's range: 0.0 stays 0, and attention's ``-10000`` before the
-softmax becomes the integer minimum (the softmax's exp of it is its smallest
-value). ``aten.pad`` (constant mode) -> ``qpipe.pad_int`` with the same rule.
+clamped to the input's range: 0.0 stays 0, and ``-10000`` becomes the integer
+minimum. Attention's ``softmax(masked_fill(scores, mask, -10000))`` does not read
+that value: the softmax handler (:mod:`qpipe.passes.lower.softmax`) takes the
+scores and the mask into one ``qpipe.masked_softmax_int`` (masked entries exactly
+0), and this ``masked_fill_int`` is left dead. ``aten.pad`` (constant mode) ->
+``qpipe.pad_int`` with the same rule.
 Neither is observed: the scale is the input's.
 """
 from __future__ import annotations
