@@ -841,7 +841,13 @@ class OnnxQdqTarget(Target):
         return missing is None, missing or ""
 
     def write(self, folder: str, gm: GraphModule, record: SaveRecord, example: torch.Tensor) -> None:
-        export_onnx(gm, os.path.join(folder, MODEL_FILE), self.layout)
+        from qpipe.backends.onnx.constants import lifted
+        from qpipe.backends.onnx.islands import summary
+
+        with lifted(gm):  # integer constants read as inputs (rel-pos attention's biases) as codes
+            info = export_onnx(gm, os.path.join(folder, MODEL_FILE), self.layout)
+        # qpipe.json: how each Conformer/Citrinet op was written (integer-exact or a named float island), and how often
+        record.extra["onnx"] = {"islands": summary(gm, info.islands)}
 
     def load(self, folder: str, meta: dict[str, Any]) -> OnnxQdqRunner:
         outputs = meta.get("outputs") or [{}]
