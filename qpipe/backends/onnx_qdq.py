@@ -421,20 +421,25 @@ class _Builder:
         q = self.node("Clip", [q, *bounds], f"{h}_clamp")
         return _Q(self.node("Cast", [q], f"{h}_codes", to=elem), float(qt.scale), zp, elem, bits, -hi, hi)
 
-    def _weight_dq(self, node: Node, w: torch.Tensor, sw: np.ndarray) -> str:
-        """DequantizeLinear of an int8 per-output-channel weight (axis 0)."""
+    def _weight_dq(self, node: Node, w: torch.Tensor, sw: np.ndarray, zero_point: bool = False) -> str:
+        """DequantizeLinear of an int8 per-output-channel weight (axis 0); ``zero_point``: write the zeros
+        (ORT fuses DQ -> Gemm into QGemm only with them; DQ -> Conv into QLinearConv without)."""
         wname = self.const(f"{node.name}_w", w.numpy().astype(np.int8))
         scale = self.const(f"{node.name}_w_scale", sw.astype(np.float32))
-        zp = self.const(f"{node.name}_w_zp", np.zeros(len(sw), dtype=np.int8))
-        return self.node("DequantizeLinear", [wname, scale, zp], f"{node.name}_w_dq", axis=0)
+        inputs = [wname, scale]
+        if zero_point:  # else left out: it defaults to 0, and the per-channel zeros were 3 % of the demo's file
+            inputs.append(self.const(f"{node.name}_w_zp", np.zeros(len(sw), dtype=np.int8)))
+        return self.node("DequantizeLinear", inputs, f"{node.name}_w_dq", axis=0)
 
-    def _bias_dq(self, node: Node, bias: Optional[torch.Tensor], sxw: np.ndarray) -> Optional[str]:
+    def _bias_dq(self, node: Node, bias: Optional[torch.Tensor], sxw: np.ndarray, zero_point: bool = False) -> Optional[str]:
         if bias is None:
             return None
         bname = self.const(f"{node.name}_b", bias.numpy().astype(np.int32))
         scale = self.const(f"{node.name}_b_scale", sxw.astype(np.float32))
-        zp = self.const(f"{node.name}_b_zp", np.zeros(len(sxw), dtype=np.int32))
-        return self.node("DequantizeLinear", [bname, scale, zp], f"{node.name}_b_dq", axis=0)
+        inputs = [bname, scale]
+        if zero_point:
+            inputs.append(self.const(f"{node.name}_b_zp", np.zeros(len(sxw), dtype=np.int32)))
+        return self.node("DequantizeLinear", inputs, f"{node.name}_b_dq", axis=0)
 
     def _scales(self, node: Node, b: dict, x: _Q, out_qt: Optional[QType]) -> tuple[np.ndarray, np.ndarray]:
         """(weight scales, S_x*S_w) as float32 arrays for a weighted op."""
@@ -558,8 +563,8 @@ class _Builder:
             shape = self.node("Shape", [x.name], f"{node.name}_shape")
             flat = self.node("Reshape", [x.name, self.const("flat", np.array([-1, int(w.shape[1])], np.int64))], f"{node.name}_2d")
             src = replace(x, name=flat)
-        inputs = [self.dq(src, node.name), self._weight_dq(node, w, sw)]
-        bdq = self._bias_dq(node, bias, sxw)
+        inputs = [self.dq(src, node.name), self._weight_dq(node, w, sw, zero_point=True)]
+        bdq = self._bias_dq(node, bias, sxw, zero_point=True)
         if bdq is not None:
             inputs.append(bdq)
         y = self.node("Gemm", inputs, f"{node.name}_gemm", transB=1)

@@ -105,8 +105,12 @@ def test_tensorrt_layout_follows_the_explicit_quantization_rules(tiny_int, tmp_p
     assert not {"ConvInteger", "MatMulInteger", "QLinearConv", "Cast", "Mod"} & set(types)
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            scale, zp = inits[n.input[1]], inits[n.input[2]]
-            assert not zp.any() and zp.dtype in (np.int8, np.int32), n.name
+            scale = inits[n.input[1]]
+            if len(n.input) > 2:
+                zp = inits[n.input[2]]
+                assert not zp.any() and zp.dtype in (np.int8, np.int32), n.name
+            else:  # an omitted zero point is 0; only a constant's DequantizeLinear leaves it out
+                assert n.op_type == "DequantizeLinear" and n.input[0] in inits, n.name
             if n.op_type == "QuantizeLinear":
                 assert scale.shape == () and zp.dtype == np.int8
             elif n.input[0] in inits:  # a constant: weight (int8) or bias (int32), per output channel
