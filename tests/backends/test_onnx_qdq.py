@@ -277,53 +277,32 @@ def test_the_qlinearconv_emulation_is_ort_bit_for_bit():
     assert np.array_equal(got[0], want)
 
 
-def test_the_qlinearadd_emulation_is_ort_bit_for_bit():
+@pytest.mark.parametrize("za,zb,zc,scales", [
+    (128, 128, 128, (0.0113, 0.0071, 0.0150)),
+    (128, 128, 128, (0.031, 0.002, 0.0297)),
+    (128, 0, 0, (0.0113, 0.0071, 0.0150)),  # a signed output plus a ReLU output (zero point 0) into a ReLU output
+])
+def test_the_qlinearadd_emulation_is_ort_bit_for_bit(za, zb, zc, scales):
     from onnx import TensorProto as TP, helper, numpy_helper as nh
 
     from qpipe.backends.onnx.ort_rounding import ort_qladd_u8
 
     a = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, -1)
     b = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, -1)
-    for sa, sb, sc in ((0.0113, 0.0071, 0.0150), (0.031, 0.002, 0.0297)):
-        inits = [nh.from_array(np.array(v, np.float32), n) for v, n in ((sa, "sa"), (sb, "sb"), (sc, "sc"))]
-        inits.append(nh.from_array(np.array(128, np.uint8), "z"))
-        nodes = [
-            helper.make_node("DequantizeLinear", ["a", "sa", "z"], ["ad"]),
-            helper.make_node("DequantizeLinear", ["b", "sb", "z"], ["bd"]),
-            helper.make_node("Add", ["ad", "bd"], ["y"]),
-            helper.make_node("QuantizeLinear", ["y", "sc", "z"], ["q"]),
-        ]
-        vi = [helper.make_tensor_value_info(n, TP.UINT8, [1, 1, 65536]) for n in ("a", "b")]
-        sess = _session(nodes, vi, [helper.make_tensor_value_info("q", TP.UINT8, None)], inits)
-        got = sess.run(None, {"a": a, "b": b})[0].reshape(-1).astype(np.int64)
-        r_ac, r_bc = np.float32(sa) / np.float32(sc), np.float32(sb) / np.float32(sc)
-        want = ort_qladd_u8(a.reshape(-1), b.reshape(-1), r_ac, r_bc, 128, 128, 128).clip(0, 255)
-        assert np.array_equal(got, want)
-
-
-
-def test_the_qlinearadd_emulation_is_ort_bit_for_bit_with_mixed_zero_points():
-    """A residual add of a signed output (zero point 128) and a ReLU output (zero point 0) into a ReLU output."""
-    from onnx import TensorProto as TP, helper, numpy_helper as nh
-
-    from qpipe.backends.onnx.ort_rounding import ort_qladd_u8
-
-    a = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, -1)
-    b = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, -1)
-    sa, sb, sc = 0.0113, 0.0071, 0.0150
+    sa, sb, sc = scales
     inits = [nh.from_array(np.array(v, np.float32), n) for v, n in ((sa, "sa"), (sb, "sb"), (sc, "sc"))]
-    inits += [nh.from_array(np.array(128, np.uint8), "z128"), nh.from_array(np.array(0, np.uint8), "z0")]
+    inits += [nh.from_array(np.array(z, np.uint8), n) for z, n in ((za, "za"), (zb, "zb"), (zc, "zc"))]
     nodes = [
-        helper.make_node("DequantizeLinear", ["a", "sa", "z128"], ["ad"]),
-        helper.make_node("DequantizeLinear", ["b", "sb", "z0"], ["bd"]),
+        helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
+        helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
         helper.make_node("Add", ["ad", "bd"], ["y"]),
-        helper.make_node("QuantizeLinear", ["y", "sc", "z0"], ["q"]),
+        helper.make_node("QuantizeLinear", ["y", "sc", "zc"], ["q"]),
     ]
     vi = [helper.make_tensor_value_info(n, TP.UINT8, [1, 1, 65536]) for n in ("a", "b")]
     sess = _session(nodes, vi, [helper.make_tensor_value_info("q", TP.UINT8, None)], inits)
     got = sess.run(None, {"a": a, "b": b})[0].reshape(-1).astype(np.int64)
     r_ac, r_bc = np.float32(sa) / np.float32(sc), np.float32(sb) / np.float32(sc)
-    want = ort_qladd_u8(a.reshape(-1), b.reshape(-1), r_ac, r_bc, 128, 0, 0).clip(0, 255)
+    want = ort_qladd_u8(a.reshape(-1), b.reshape(-1), r_ac, r_bc, za, zb, zc).clip(0, 255)
     assert np.array_equal(got, want)
 
 
