@@ -131,8 +131,7 @@ class QdqLayout:
 
 LAYOUTS = {
     "ort": QdqLayout("ort"),
-    "ort-fast": QdqLayout("ort-fast", clamp="saturate", exact_clamp=False, head="float", input_quant="quantizelinear",
-                          relu_zero_point=0),
+    "ort-fast": QdqLayout("ort-fast", clamp="saturate", head="float", input_quant="quantizelinear", relu_zero_point=0),
     "tensorrt": QdqLayout("tensorrt", activations="int8", clamp="float", head="float", weight_scale="qtype",
                           input_quant="quantizelinear"),
 }
@@ -191,7 +190,6 @@ class _Builder:
         self.output_integer = True
         self.match = layout.weight_scale == "matched" and layout.activations == "uint8"
         self.stats = MatchStats()
-        self.saturated = 0  # clamps left to the QuantizeLinear's saturation (clamp="saturate")
         self.islands: dict[str, str] = {}  # qpipe op name -> "integer" or "float island" (islands.py)
 
     # -- naming and constants ------------------------------------------------------------
@@ -234,22 +232,22 @@ class _Builder:
             return self.TP.INT16, 0, np.int16
         raise QpipeError(f"onnx-qdq: no ONNX activation type for {bits} bits")
 
-    def output_zp(self, lo: int, bits: int, zp: int) -> int:
-        """The zero point of an activation whose clamp starts at ``lo``: the layout's ``relu_zero_point``
-        for a ReLU output (0: the QuantizeLinear's saturation at 0 is the ReLU), else ``zp``."""
+    def code_type(self, lo: int, bits: int) -> tuple[int, int, Any, int, int]:
+        """(onnx elem type, zero point, numpy dtype, lowest code, highest code) of an output whose clamp
+        starts at ``lo``; the code range is what a QuantizeLinear saturates to, in qpipe units. A ReLU
+        output (lo == 0) takes the layout's ``relu_zero_point`` (0: the saturation at 0 is the ReLU)."""
+        elem, zp, npdtype = self.act_type(bits)
         if lo == 0 and bits <= 8 and self.layout.relu_zero_point is not None and self.layout.activations == "uint8":
-            return self.layout.relu_zero_point
-        return zp
+            zp = self.layout.relu_zero_point
+        info = np.iinfo(npdtype)
+        return elem, zp, npdtype, int(info.min) - zp, int(info.max) - zp
 
     def kept_range(self, lo: int, hi: int, bits: int) -> tuple[int, int]:
         """The range an output clamped to [lo, hi] has in ONNX, in qpipe units: [lo, hi], or with
         ``clamp="saturate"`` the range of its code type (the clamp is left out)."""
         if self.layout.clamp != "saturate":
             return lo, hi
-        _, zp, npdtype = self.act_type(bits)
-        zp = self.output_zp(lo, bits, zp)
-        info = np.iinfo(npdtype)
-        return int(info.min) - zp, int(info.max) - zp
+        return self.code_type(lo, bits)[3:]
 
     def zp_const(self, zp: int, npdtype) -> str:
         return self.const("zp", np.array(zp, dtype=npdtype))
@@ -267,17 +265,12 @@ class _Builder:
         """QuantizeLinear to ``qt``'s scale with qpipe's integer clamp [lo, hi], as the layout places it."""
         if qt.per_channel:
             raise QpipeError(f"onnx-qdq: {hint}: a per-channel activation scale cannot be a per-tensor QuantizeLinear")
-        elem, zp, npdtype = self.act_type(qt.bits)
-        zp = self.output_zp(lo, qt.bits, zp)
+        elem, zp, npdtype, code_lo, code_hi = self.code_type(lo, qt.bits)
         scale = float(qt.scale)
-        info = np.iinfo(npdtype)
-        code_lo, code_hi = int(info.min) - zp, int(info.max) - zp  # what the Q saturates to, in qpipe units
         need_lo, need_hi = lo > code_lo, hi < code_hi
         if not self.layout.exact_clamp and lo == -code_hi:
             need_lo = False  # -127 against the Q's -128, left to saturation
         if self.layout.clamp == "saturate":  # the Q's saturation only: codes may pass qpipe's clamp
-            if need_lo or need_hi:
-                self.saturated += 1
             need_lo = need_hi = False
             lo, hi = code_lo, code_hi
         if (need_lo or need_hi) and self.layout.clamp == "float":  # a Relu / Clip before the Q
@@ -588,7 +581,7 @@ class _Builder:
         if self.match and isinstance(a, _Q) and isinstance(c, _Q) and a.elem == c.elem == self.TP.UINT8:
             out_qt = self.qtype(node)
             lo, hi = int(b["lo"]), int(b["hi"])
-            zc = self.output_zp(lo, out_qt.bits, 128)
+            zc = self.code_type(lo, out_qt.bits)[1]
             lo, hi = self.kept_range(lo, hi, out_qt.bits)
             sa, sb = match_add_scales(
                 a.scale, c.scale, float(out_qt.scale),
