@@ -82,13 +82,15 @@ def input_abs_max(node: Node) -> tuple[int, str]:
         if spec is not None and spec.kind is OpKind.QUANTIZE:
             bits = int(spec.bind(node)[spec.out_bits]) if spec.out_bits else 8
             hi = (1 << (bits - 1)) - 1
-            return hi, f"quantize clamp [-{hi}, {hi}] of %{node.name}"
+            return hi + 1, f"quantize clamp [-{hi + 1}, {hi}] of %{node.name}"
         if spec is not None and spec.kind is OpKind.LAYOUT and node.all_input_nodes:
             node = node.all_input_nodes[0]  # moves values, keeps their range
             seen += 1
             continue
         break
     qt = qtype_of(node) if node is not None else None
+    if qt is not None and qt.unsigned:
+        return qt.max_abs, f"u{qt.bits} bit width"
     bits = qt.bits if qt is not None else 8
     return 1 << (bits - 1), f"i{bits} bit width"
 

@@ -109,11 +109,24 @@ def dyadic_common_shift(ratios: list[float], m_bits: int = M_BITS) -> tuple[list
 
 
 def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
-    """Symmetric (restricted) range: int8 is [-127, 127] so that -x never overflows."""
+    """Symmetric (restricted) range of weights and constants: int8 is [-127, 127], so that -w never
+    overflows and a weight's scale is its max over 127 (activations: :func:`act_range`)."""
     if bits < 2 or bits > 32:
         raise ValueError(f"bit width must be in 2..32, got {bits}")
     hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
     return (-hi if signed else 0), hi
+
+
+def act_range(bits: int, unsigned: bool = False) -> tuple[int, int]:
+    """The codes an activation of ``bits`` bits may take: the full signed range ``[-2**(bits-1), 2**(bits-1) - 1]``
+    (int8: [-128, 127], what every runtime's 8-bit QuantizeLinear saturates to) or, for an output
+    that an activation keeps non-negative (a ReLU's), the unsigned ``[0, 2**bits - 1]`` (uint8:
+    [0, 255], one more bit of resolution where half the signed codes would go unused)."""
+    if bits < 2 or bits > 32:
+        raise ValueError(f"bit width must be in 2..32, got {bits}")
+    if unsigned:
+        return 0, (1 << bits) - 1
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 def storage_dtype_name(bits: int) -> str:

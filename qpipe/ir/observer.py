@@ -22,11 +22,12 @@ class ActObserver(torch.nn.Module):
     qpipe_observer = True
     qpipe_identity = True
 
-    def __init__(self, method: str = "minmax", percentile: float = 100.0, bits: int = 8):
+    def __init__(self, method: str = "minmax", percentile: float = 100.0, bits: int = 8, unsigned: bool = False):
         super().__init__()
         self.method = method
         self.percentile = float(percentile)
         self.bits = int(bits)
+        self.unsigned = bool(unsigned)
         self.recording = False
         self.counting_scale: float | None = None
         self.amax: list[float] = []
@@ -52,7 +53,7 @@ class ActObserver(torch.nn.Module):
                     self.amax.append(float(flat.max()))
         elif self.counting_scale is not None:
             with torch.no_grad():
-                limit = self.counting_scale * ((1 << (self.bits - 1)) - 1)
+                limit = self.counting_scale * self.top_code()
                 self.saturated += int((x.detach().abs() > limit * (1 + 1e-6)).sum())
                 self.total += x.numel()
         return x
@@ -62,10 +63,14 @@ class ActObserver(torch.nn.Module):
             raise ValueError("observer saw no data")
         return sum(self.amax) / len(self.amax)
 
+    def top_code(self) -> int:
+        """The code ``amax`` maps to: 2**(bits-1) - 1 (symmetric), or 2**bits - 1 for a never-negative tensor."""
+        return (1 << self.bits) - 1 if self.unsigned else (1 << (self.bits - 1)) - 1
+
     def scale(self) -> float:
-        hi = (1 << (self.bits - 1)) - 1
         amax = self.range_amax()
-        return (amax if amax > 0 else 1e-8) / hi
+        return (amax if amax > 0 else 1e-8) / self.top_code()
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, percentile={self.percentile}, bits={self.bits}"
+        unsigned = ", unsigned" if self.unsigned else ""
+        return f"method={self.method}, percentile={self.percentile}, bits={self.bits}{unsigned}"

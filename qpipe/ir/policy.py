@@ -23,7 +23,9 @@ class QuantSpec:
     """How one tensor is quantized: symmetric, zero point 0, ``bits`` wide.
 
     ``method``/``percentile`` say how an activation's range is observed (a
-    weight's range is always its max); ``role`` says which tensor it is.
+    weight's range is always its max); ``role`` says which tensor it is;
+    ``unsigned``: the tensor is never negative (a ReLU's output), so its codes
+    are ``[0, 2**bits - 1]`` at ``scale = amax / (2**bits - 1)``.
     """
 
     bits: int = 8
@@ -31,6 +33,7 @@ class QuantSpec:
     method: str = "minmax"
     percentile: float = 100.0
     scheme: str = "per-tensor"
+    unsigned: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
@@ -43,6 +46,8 @@ class QuantSpec:
             raise QpipeError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if self.method == "minmax" and float(self.percentile) != 100.0:
             raise QpipeError("a minmax range has no percentile")
+        if self.unsigned and (self.bits > 8 or self.role == "weight"):
+            raise QpipeError("unsigned codes are for activations of at most 8 bits (stored as uint8)")
         if self.scheme not in SCHEMES:
             raise QpipeError(f"scheme must be per-tensor or per-channel, got {self.scheme!r}")
 
@@ -59,6 +64,8 @@ class QuantSpec:
             d.pop("percentile")
         if self.scheme == "per-tensor":
             d.pop("scheme")
+        if not self.unsigned:
+            d.pop("unsigned")
         return d
 
 

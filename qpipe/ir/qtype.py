@@ -2,7 +2,8 @@
 
 Every integer tensor of the integer graph carries ``meta["qtype"]``: its bit
 width and the real scale of one integer step (zero point always 0: qpipe is
-symmetric). Accumulators and per-channel weights have one scale per channel
+symmetric). ``unsigned``: the codes lie on ``[0, 2**bits - 1]`` (a ReLU output,
+stored as uint8); otherwise on the signed range of ``bits``. Accumulators and per-channel weights have one scale per channel
 along ``axis``. The substitution pass writes it, the verifier checks that each
 op's output scale follows from its inputs' scales and its dyadic pair, and the
 backends (ONNX QDQ, TensorRT) read scales from it and nowhere else.
@@ -24,6 +25,7 @@ class QType:
     scale: Union[float, tuple[float, ...]]
     axis: Optional[int] = None  # the channel axis of a per-channel scale
     zero_point: int = 0
+    unsigned: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 64:
@@ -47,6 +49,11 @@ class QType:
         return cls(int(bits), values, axis)
 
     @property
+    def max_abs(self) -> int:
+        """The largest ``|code|`` a tensor of this type can hold (what an accumulator bound multiplies)."""
+        return (1 << self.bits) - 1 if self.unsigned else 1 << (self.bits - 1)
+
+    @property
     def per_channel(self) -> bool:
         return isinstance(self.scale, tuple)
 
@@ -58,7 +65,7 @@ class QType:
         if self.per_channel:
             first = self.scales[0]
             return f"q{self.bits}<{first:.6g}.. x{len(self.scales)} @{self.axis}>"
-        return f"q{self.bits}<{self.scale:.6g}>"
+        return f"{'u' if self.unsigned else 'q'}{self.bits}<{self.scale:.6g}>"
 
 
 def qtype_of(node: Node) -> Optional[QType]:

@@ -41,6 +41,7 @@ def calibrate_from_batches(gm: GraphModule, batches: Iterable[torch.Tensor], sou
     for node, mod in obs:  # the node's policy is the truth; a user pass may have changed it
         policy = node.meta[QPOLICY]
         mod.bits, mod.method, mod.percentile = policy.bits, policy.method, float(policy.percentile)
+        mod.unsigned = bool(getattr(policy, "unsigned", False))
         mod.reset()
         mod.recording, mod.counting_scale = True, None
     for x in batches:

@@ -92,6 +92,7 @@ def _keep16_problem(text: str) -> str | None:
         "out_bits": Opt(16, **_BITS),
         "out_act": Opt("minmax", check=_range_method_problem),
         "keep16": Opt("", check=_keep16_problem),
+        "unsigned_relu": Opt(True),
     },
 )
 def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -102,6 +103,14 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
     output (logits) uses ``out_bits`` and ``out_act`` so that clipping cannot tie
     the argmax. A conv or add read only by an activation is observed after the
     activation, so ReLU outputs use all positive levels.
+
+    ``unsigned_relu`` (default true): an 8-bit tensor that an activation keeps
+    non-negative (a ReLU's output) is unsigned, codes ``[0, 255]`` at
+    ``amax / 255``: twice the resolution, and the grid of a uint8 QuantizeLinear
+    with zero point 0, so ONNX Runtime's fused kernels saturate exactly where
+    the reference clamps. ``false``: the signed grid (``[0, 127]`` at ``amax / 127``),
+    which TensorRT (no uint8) needs. Other activations use the full signed range
+    ``[-128, 127]`` either way.
 
     ``keep16``: op families (``+``-separated, e.g. ``keep16=softmax+layer_norm``)
     whose outputs stay at 16 bits: an observed family's observer gets 16 bits,
@@ -124,6 +133,7 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
     inputs = QuantSpec.activation(str(opts["act"]), int(opts["in_bits"]), role="input")
     outputs = QuantSpec.activation(str(opts["out_act"]), int(opts["out_bits"]), role="output")
     weight = QuantSpec(bits=int(opts["w_bits"]), role="weight", scheme="per-channel")
+    unsigned = dataclasses.replace(act, unsigned=True) if bool(opts["unsigned_relu"]) and act.bits <= 8 else act
     producers = _output_producers(gm)
     targets: list[tuple[Node, QuantSpec]] = []
     weights = kept16 = 0
@@ -150,11 +160,13 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
         elif family.name in keep16:
             targets.append((node, dataclasses.replace(act, bits=16)))
             kept16 += 1
+        elif family.activation and family.bounds is not None and family.bounds(node)[0] >= 0:
+            targets.append((node, unsigned))
         else:
             targets.append((node, act))
     for index, (node, policy) in enumerate(targets):
         name = f"qpipe_obs_{index}"
-        gm.add_submodule(name, ActObserver(policy.method, policy.percentile, policy.bits))
+        gm.add_submodule(name, ActObserver(policy.method, policy.percentile, policy.bits, policy.unsigned))
         with gm.graph.inserting_after(node):
             obs = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(obs, delete_user_cb=lambda user, obs=obs: user is not obs)

@@ -1,6 +1,7 @@
 """substitute-int-ops: replace float compute with qpipe:: integer ops at the observed scales."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
@@ -19,7 +20,7 @@ def _quantize_input(lw: Lowering, node: Node) -> None:
     obs = observer_of(lw.gm, node)
     if obs is None:
         return
-    scale = obs.meta[QPARAMS]["scale"]
+    scale = float(np.float32(obs.meta[QPARAMS]["scale"]))  # the quantizer divides in float32 (ops/quantize.py)
     bits = int(obs.meta[QPOLICY].bits)
     facts = calibration_facts(obs)
     qn = lw.emit(obs.next, torch.ops.qpipe.quantize.default, {"x": node, "scale": float(scale), "bits": bits}, node,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import broadcast_channel, dtype_for_bits, round_shift
+from qpipe.ir.ops.kernels import broadcast_channel, dtype_for_range, round_shift
 
 
 def scale_reference(x: Tensor, w: Tensor, bias: Optional[Tensor], m: Tensor, s: Tensor, channel_dim: int,
@@ -51,12 +51,12 @@ def scale_reference(x: Tensor, w: Tensor, bias: Optional[Tensor], m: Tensor, s: 
 def scale_rq(x: Tensor, w: Tensor, bias: Optional[Tensor], m: Tensor, s: Tensor, channel_dim: int, lo: int, hi: int,
              bits: int) -> Tensor:
     """Multiply by an integer constant (per channel), add a bias, dyadic requant + clamp."""
-    return scale_reference(x, w, bias, m, s, channel_dim, lo, hi).to(dtype_for_bits(bits))
+    return scale_reference(x, w, bias, m, s, channel_dim, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @scale_rq.register_fake
 def _(x, w, bias, m, s, channel_dim, lo, hi, bits):
-    return torch.empty_like(x, dtype=dtype_for_bits(bits))
+    return torch.empty_like(x, dtype=dtype_for_range(bits, lo, hi))
 
 
 @qpipe_op("masked_fill_int", kind=OpKind.ELEMENTWISE, scale_rule=ScaleRule.INHERITED, inputs=("x",))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
+from qpipe.ir.ops.kernels import dtype_for_range, requant_reference, round_shift
 
 GELU_FRAC = 16
 ONE = 1 << GELU_FRAC
@@ -57,9 +57,9 @@ def gelu_int(x: Tensor, m_u: int, s_u: int, m: Tensor, s: Tensor, lo: int, hi: i
     x64 = x.to(torch.int64)
     u = round_shift(x64 * int(m_u), int(s_u))
     acc = x64 * (ONE + erf_fixed(u))
-    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_bits(bits))
+    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @gelu_int.register_fake
 def _(x, m_u, s_u, m, s, lo, hi, bits):
-    return torch.empty_like(x, dtype=dtype_for_bits(bits))
+    return torch.empty_like(x, dtype=dtype_for_range(bits, lo, hi))

@@ -7,7 +7,7 @@ from torch import Tensor
 import torch
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits, exact_float_dtype, requant_reference
+from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, exact_float_dtype, requant_reference
 
 
 def linear_accumulate(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -55,9 +55,9 @@ def _(x, w, bias, acc_bits):
 def linear_rq(x: Tensor, w: Tensor, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int) -> Tensor:
     """Integer linear + per-output-feature dyadic requant + clamp -> int8."""
     acc = linear_accumulate(x, w, bias)
-    return requant_reference(acc, m, s, acc.dim() - 1, lo, hi).to(dtype_for_bits(bits))
+    return requant_reference(acc, m, s, acc.dim() - 1, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @linear_rq.register_fake
 def _(x, w, bias, m, s, lo, hi, bits):
-    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype_for_bits(bits))
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype_for_range(bits, lo, hi))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits, exact_float_dtype, requant_reference
+from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, exact_float_dtype, requant_reference
 
 
 def matmul_accumulate(a: Tensor, b: Tensor) -> Tensor:
@@ -47,9 +47,9 @@ def _(a, b, acc_bits):
 def matmul_rq(a: Tensor, b: Tensor, m: Tensor, s: Tensor, lo: int, hi: int, bits: int) -> Tensor:
     """Integer ``a @ b`` + one dyadic requant (from S_a * S_b to the output scale) + clamp."""
     acc = matmul_accumulate(a, b)
-    return requant_reference(acc, m.reshape(()), s.reshape(()), 0, lo, hi).to(dtype_for_bits(bits))
+    return requant_reference(acc, m.reshape(()), s.reshape(()), 0, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @matmul_rq.register_fake
 def _(a, b, m, s, lo, hi, bits):
-    return torch.matmul(a.to(torch.float32), b.to(torch.float32)).to(dtype_for_bits(bits))
+    return torch.matmul(a.to(torch.float32), b.to(torch.float32)).to(dtype_for_range(bits, lo, hi))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits
+from qpipe.ir.ops.kernels import dtype_for_range
 
 MAX_MEAN_SHIFT = 45
 
@@ -54,10 +54,10 @@ def mean_int(
     mm, ss = m.to(torch.int64).reshape(()), s.to(torch.int64).reshape(())
     den = c * torch.bitwise_left_shift(torch.ones_like(ss), ss)
     q = torch.div(2 * total * mm + den, 2 * den, rounding_mode="floor")
-    return q.clamp(lo, hi).to(dtype_for_bits(bits))
+    return q.clamp(lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @mean_int.register_fake
 def _(x, count, dim, keepdim, m, s, lo, hi, bits):
     dims = list(dim) if dim else list(range(x.dim()))
-    return x.to(torch.float32).sum(dim=dims, keepdim=keepdim).to(dtype_for_bits(bits))
+    return x.to(torch.float32).sum(dim=dims, keepdim=keepdim).to(dtype_for_range(bits, lo, hi))

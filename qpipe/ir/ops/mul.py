@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference
+from qpipe.ir.ops.kernels import dtype_for_range, requant_reference
 
 
 @qpipe_op(
@@ -30,9 +30,9 @@ from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference
 def mul_requant(a: Tensor, b: Tensor, m: Tensor, s: Tensor, lo: int, hi: int, bits: int) -> Tensor:
     """Product of two integer tensors, requantized by one dyadic pair: ``(a*b*m + 2**(s-1)) >> s``, clamped."""
     acc = a.to(torch.int64) * b.to(torch.int64)
-    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_bits(bits))
+    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @mul_requant.register_fake
 def _(a, b, m, s, lo, hi, bits):
-    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype_for_bits(bits), device=a.device)
+    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype_for_range(bits, lo, hi), device=a.device)

@@ -1,19 +1,29 @@
-"""The input quantizer (the one float -> integer boundary of the graph) and its inverse."""
+"""The input quantizer (the one float -> integer boundary of the graph) and its inverse.
+
+The quantizer is ONNX's ``QuantizeLinear`` exactly: the float32 quotient
+``x / scale`` (IEEE, correctly rounded), rounded half to even, saturated to the
+full signed range ``[-2**(bits-1), 2**(bits-1) - 1]``. That is what every
+runtime's QuantizeLinear computes (ONNX Runtime's MLAS divides; it does not
+multiply by a reciprocal), so a backend can hand the input to its own fused
+quantizer and still produce the reference's integers. ``scale`` is a float32
+value (the lowering rounds it so) and the integer program downstream uses that
+same value.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import div_round_half_up, dtype_for_bits
+from qpipe.ir.ops.kernels import dtype_for_bits
 
 
 @qpipe_op("quantize", kind=OpKind.QUANTIZE, scale_rule=ScaleRule.ARGUMENT, scale_arg="scale", out_bits="bits")
 def quantize(x: Tensor, scale: float, bits: int) -> Tensor:
-    """Symmetric per-tensor quantizer: ``clamp(floor(x / scale + 1/2))``, exact in the float64 values."""
+    """Per-tensor quantizer ``clamp(round_half_even(fl32(x / scale)))`` (ONNX QuantizeLinear, zero point 0)."""
     hi = (1 << (bits - 1)) - 1
-    q = div_round_half_up(x, scale).clamp(-hi, hi)
-    return q.to(dtype_for_bits(bits))
+    quotient = x.to(torch.float32) / torch.tensor(scale, dtype=torch.float32, device=x.device)
+    return torch.round(quotient).clamp(-hi - 1, hi).to(dtype_for_bits(bits))
 
 
 @quantize.register_fake

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
+from qpipe.ir.ops.kernels import dtype_for_range, requant_reference, round_shift
 
 
 @qpipe_op(
@@ -25,12 +25,12 @@ from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
 )
 def requant(acc: Tensor, m: Tensor, s: Tensor, channel_dim: int, lo: int, hi: int, bits: int) -> Tensor:
     """Dyadic requantization ``clamp((acc*m + 2**(s-1)) >> s, lo, hi)``; m, s per channel or scalar."""
-    return requant_reference(acc, m, s, channel_dim, lo, hi).to(dtype_for_bits(bits))
+    return requant_reference(acc, m, s, channel_dim, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @requant.register_fake
 def _(acc, m, s, channel_dim, lo, hi, bits):
-    return torch.empty_like(acc, dtype=dtype_for_bits(bits))
+    return torch.empty_like(acc, dtype=dtype_for_range(bits, lo, hi))
 
 
 @qpipe_op(
@@ -46,12 +46,12 @@ def _(acc, m, s, channel_dim, lo, hi, bits):
 def add_requant(a: Tensor, b: Tensor, ma: Tensor, mb: Tensor, s: Tensor, lo: int, hi: int, bits: int) -> Tensor:
     """Residual add of two integer tensors with different scales: ``(a*ma + b*mb) >> s``, one shared shift."""
     v = a.to(torch.int64) * ma.to(torch.int64) + b.to(torch.int64) * mb.to(torch.int64)
-    return round_shift(v, s).clamp(lo, hi).to(dtype_for_bits(bits))
+    return round_shift(v, s).clamp(lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @add_requant.register_fake
 def _(a, b, ma, mb, s, lo, hi, bits):
-    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype_for_bits(bits), device=a.device)
+    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype_for_range(bits, lo, hi), device=a.device)
 
 
 @qpipe_op("clamp_int", kind=OpKind.ELEMENTWISE, scale_rule=ScaleRule.INHERITED, inputs=("x",), clamp=("lo", "hi"))

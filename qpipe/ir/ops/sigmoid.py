@@ -23,7 +23,7 @@ from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
 from qpipe.ir.ops.iexp import ONE, exp_fixed
-from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference
+from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, requant_reference
 from qpipe.ir.ops.softmax import divide_half_up, unit_scale
 
 GATE_FRAC = 15  # the internal gate of SiLU and GLU: sigmoid in Q15 (1.0 is 32768)
@@ -71,12 +71,12 @@ def _(x, m_e, s_e, bits):
 def silu_int(x: Tensor, m_e: int, s_e: int, m: Tensor, s: Tensor, lo: int, hi: int, bits: int) -> Tensor:
     """Integer SiLU ``x * sigmoid(x)``: Q15 gate, int64 product, dyadic requant to the observed scale."""
     acc = x.to(torch.int64) * sigmoid_fixed(x, m_e, s_e, 1 << GATE_FRAC)
-    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_bits(bits))
+    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @silu_int.register_fake
 def _(x, m_e, s_e, m, s, lo, hi, bits):
-    return torch.empty_like(x, dtype=dtype_for_bits(bits))
+    return torch.empty_like(x, dtype=dtype_for_range(bits, lo, hi))
 
 
 @qpipe_op("glu_int", kind=OpKind.NONLINEARITY, scale_rule=ScaleRule.OBSERVED, inputs=("x",),
@@ -85,10 +85,10 @@ def glu_int(x: Tensor, dim: int, m_e: int, s_e: int, m: Tensor, s: Tensor, lo: i
     """Integer GLU over ``dim``: first half times the Q15 sigmoid of the second, dyadic requant."""
     a, b = x.chunk(2, dim=dim)
     acc = a.to(torch.int64) * sigmoid_fixed(b, m_e, s_e, 1 << GATE_FRAC)
-    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_bits(bits))
+    return requant_reference(acc, m, s, 0, lo, hi).to(dtype_for_range(bits, lo, hi))
 
 
 @glu_int.register_fake
 def _(x, dim, m_e, s_e, m, s, lo, hi, bits):
     a, _ = x.chunk(2, dim=dim)
-    return torch.empty_like(a, dtype=dtype_for_bits(bits))
+    return torch.empty_like(a, dtype=dtype_for_range(bits, lo, hi))

@@ -31,7 +31,7 @@ def lower_activation(node: Node, lw: Lowering) -> None:
         return
     xi = lw.int_input(node, node.args[0])
     q = lw.qtype(xi)
-    lo, hi = lw.int_bounds(q.bits, float(q.scale), node)
+    lo, hi = lw.int_bounds(q.bits, float(q.scale), node, q.unsigned)
     out = lw.emit(lw.anchor(node), torch.ops.qpipe.clamp_int.default, {"x": xi, "lo": lo, "hi": hi}, node, q,
                   {"lo": lo, "hi": hi})
     lw.bind(node, out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from qpipe.ir.dyadic import dyadic_common_shift_bounded, int_range
+from qpipe.ir.dyadic import dyadic_common_shift_bounded
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.meta import source_name
 from qpipe.ir.qtype import QType
@@ -21,11 +21,11 @@ def lower_add(node: Node, lw: Lowering) -> None:
         raise QpipeError(f"{source_name(node)}: add with alpha is not supported")
     ai, bi = lw.int_input(node, a), lw.int_input(node, b)
     out_scale, bits, act, facts = lw.out_qparams(node)
-    lo, hi = lw.int_bounds(bits, out_scale, act)
+    lo, hi = lw.int_bounds(bits, out_scale, act, facts.get("unsigned", False))
     qa, qb = lw.qtype(ai), lw.qtype(bi)
-    # |a*ma + b*mb| <= hi(a)*ma + hi(b)*mb: fits int64 at 16 bits with 31-bit m; narrowed if ever not
+    # |a*ma + b*mb| <= max|a|*ma + max|b|*mb: fits int64 at 16 bits with 31-bit m; narrowed if ever not
     (ma, mb), s = dyadic_common_shift_bounded([qa.scale / out_scale, qb.scale / out_scale],
-                                              [int_range(qa.bits)[1], int_range(qb.bits)[1]])
+                                              [qa.max_abs, qb.max_abs])
     before = lw.anchor(node)
     consts = {name: lw.const(f"{node.name}_{name}", torch.tensor(v, dtype=torch.int64), before)
               for name, v in (("ma", ma), ("mb", mb), ("s", s))}

@@ -7,13 +7,14 @@ its ``meta["qtype"]`` here, so no handler can forget it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 
-from qpipe.ir.dyadic import dyadic_bounded, int_range
+from qpipe.ir.dyadic import act_range, dyadic_bounded
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import add_constant, users_through
 from qpipe.ir.meta import QPARAMS, QPOLICY, set_provenance, source_name
@@ -91,6 +92,9 @@ class Lowering:
         with self.graph.inserting_before(before):
             node = self.graph.create_node("call_function", op, spec.args_from(values), name=f"{src.name}_{spec.name}")
         set_provenance(node, [src])
+        lo, hi = values.get("lo"), values.get("hi")
+        if isinstance(lo, int) and isinstance(hi, int) and qtype.bits <= 8 and lo >= 0 and hi > 127 and not qtype.unsigned:
+            qtype = dataclasses.replace(qtype, unsigned=True)  # stored as uint8 (ops/kernels.py: dtype_for_range)
         set_qtype(node, qtype)
         if qparams:
             node.meta[QPARAMS] = qparams
@@ -119,13 +123,18 @@ class Lowering:
         return obs, act
 
     def out_qparams(self, node: Node) -> tuple[float, int, Optional[Node], dict]:
-        """(scale, bits, folded activation or None, calibration facts) of ``node``'s integer output."""
+        """(scale, bits, folded activation or None, calibration facts) of ``node``'s integer output;
+        the facts say ``unsigned`` where the observer's policy puts the codes on ``[0, 2**bits - 1]``."""
         obs, act = self.out_observer(node)
-        return obs.meta[QPARAMS]["scale"], int(obs.meta[QPOLICY].bits), act, calibration_facts(obs)
+        facts = calibration_facts(obs)
+        if getattr(obs.meta[QPOLICY], "unsigned", False):
+            facts["unsigned"] = True
+        return obs.meta[QPARAMS]["scale"], int(obs.meta[QPOLICY].bits), act, facts
 
-    def int_bounds(self, bits: int, scale: float, activation: Optional[Node]) -> tuple[int, int]:
-        """The integer clamp for ``bits`` at ``scale``, narrowed by an activation's real bounds."""
-        lo, hi = int_range(bits)
+    def int_bounds(self, bits: int, scale: float, activation: Optional[Node], unsigned: bool = False) -> tuple[int, int]:
+        """The integer clamp for ``bits`` at ``scale`` (the full signed range, or ``[0, 2**bits - 1]``
+        when ``unsigned``), narrowed by an activation's real bounds."""
+        lo, hi = act_range(bits, unsigned)
         if activation is not None:
             a_lo, a_hi = family_of(activation).bounds(activation)
             if math.isfinite(a_lo):
@@ -161,7 +170,7 @@ class Lowering:
         recorded ``acc_bound``) times ``m`` would pass int64 (16-bit weights and activations).
         """
         out_scale, bits, act, facts = self.out_qparams(node)
-        lo, hi = self.int_bounds(bits, out_scale, act)  # straight to the activation's scale and clamp
+        lo, hi = self.int_bounds(bits, out_scale, act, facts.get("unsigned", False))  # straight to the activation's scale and clamp
         in_scales = torch.tensor(self.qtype(acc).scales, dtype=torch.float64)
         ratios = (in_scales / out_scale).tolist()
         limits = self.acc_bounds(acc, len(ratios), bounds)

@@ -64,14 +64,14 @@ def lower_weighted(lw: Lowering, node: Node, x: Node, w_node: Node, b_node, acc_
         bias_dtype = torch.int32 if bias_bound < 2**31 else torch.int64
         bias_q = lw.const(f"{node.name}_bq", bq.to(bias_dtype), before, QType.of(32 if bias_bound < 2**31 else 64, acc_scales.tolist(), 0))
     reduction = int(w[0].numel())
-    bound = int_range(x_q.bits)[1] * int_range(w_bits)[1] * reduction + bias_bound
+    bound = x_q.max_abs * int_range(w_bits)[1] * reduction + bias_bound
     acc_bits = 32 if bound < 2**31 else 64
     acc_q = {"in_scale": s_x, "w_scale": s_w.to(torch.float32), "acc_bound": bound, "acc_bits": acc_bits}
     values = {"x": xi, "w": wq_node, "bias": bias_q, "acc_bits": acc_bits, **extra}
     acc = lw.emit(before, acc_op, values, node, QType.of(acc_bits, acc_scales.tolist(), channel_dim), acc_q)
     # per output channel, |acc| <= max|x| * sum|w_c| + |b_c|: the requant's m is shortened only where
     # that times m could pass int64 (16-bit weights and activations), so 8-bit pairs never change
-    x_hi = int_range(x_q.bits)[1]
+    x_hi = x_q.max_abs
     row = wq.to(torch.int64).abs().reshape(wq.shape[0], -1).sum(dim=1) * x_hi
     if b_node is not None:
         row = row + bq.abs().to(torch.int64)

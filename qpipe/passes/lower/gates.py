@@ -75,7 +75,7 @@ def lower_mul(node: Node, lw: Lowering) -> None:
     ai, bi = lw.int_input(node, a), lw.int_input(node, b)
     qa, qb = per_tensor(lw, node, ai), per_tensor(lw, node, bi)
     emit_requantized(lw, node, q.mul_requant.default, {"a": ai, "b": bi}, (float(qa.scale), float(qb.scale)),
-                     qa.bits + qb.bits)
+                     qa.bits + qb.bits + qa.unsigned + qb.unsigned)  # |a*b| < 2**that
     lw.count("mul")
 
 

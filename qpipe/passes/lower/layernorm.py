@@ -23,9 +23,10 @@ LAYER_NORM_OPS = frozenset({aten.layer_norm.default})
 CORE_BITS = 16
 
 
-def sqrt_shift_for(in_bits: int, d: int, eps_int: int) -> int:
-    """Extra bits for the square root: ``j`` with ``(D**3 * hi**2 + eps_int) << 2j`` below 2**62."""
-    _, hi = int_range(in_bits)
+def sqrt_shift_for(in_bits: int, d: int, eps_int: int, max_abs: int | None = None) -> int:
+    """Extra bits for the square root: ``j`` with ``(D**3 * hi**2 + eps_int) << 2j`` below 2**62
+    (``hi``: the input's largest ``|code|``, by default that of the full signed range of ``in_bits``)."""
+    hi = (1 << (in_bits - 1)) if max_abs is None else int(max_abs)
     bound = d**3 * hi * hi + eps_int
     return max(0, min(16, (62 - bound.bit_length()) // 2))
 
@@ -59,7 +60,7 @@ def lower_layer_norm(node: Node, lw: Lowering) -> None:
     xi = lw.int_input(node, x)
     xq = lw.qtype(xi)
     eps_int = min(int(math.floor(eps * d**3 / float(xq.scale) ** 2 + 0.5)), 2**60)
-    j = sqrt_shift_for(xq.bits, d, eps_int)
+    j = sqrt_shift_for(xq.bits, d, eps_int, xq.max_abs)
     before = lw.anchor(node)
     core_scale = layer_norm_scale(d, LN_FRAC_BITS)
     core_q = {"eps_int": eps_int, "frac_bits": LN_FRAC_BITS, "sqrt_shift": j}
@@ -68,7 +69,7 @@ def lower_layer_norm(node: Node, lw: Lowering) -> None:
     gamma = fetch_attr(lw.gm, weight.target).detach() if weight is not None else torch.ones(d)
     beta = fetch_attr(lw.gm, bias.target).detach() if bias is not None else torch.zeros(d)
     out_scale, bits, act, facts = lw.out_qparams(node)
-    lo, hi = lw.int_bounds(bits, out_scale, act)
+    lo, hi = lw.int_bounds(bits, out_scale, act, facts.get("unsigned", False))
     w, w_scale, bq, m, s = affine_constants(gamma, beta, core_scale, out_scale)
     channel_dim = node.meta["val"].dim() - 1
     consts = {

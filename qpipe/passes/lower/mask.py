@@ -27,9 +27,10 @@ MASK_OPS = frozenset({aten.masked_fill.Scalar})
 PAD_OPS = frozenset({aten.pad.default, aten.constant_pad_nd.default})
 
 
-def fill_value(value: float, scale: float, bits: int) -> int:
-    """``round_half_up(value / scale)`` clamped to the symmetric range of ``bits``."""
-    lo, hi = int_range(bits)
+def fill_value(value: float, scale: float, bits: int, unsigned: bool = False) -> int:
+    """``round_half_up(value / scale)`` clamped to the symmetric range of ``bits`` (``[0, 2**bits - 1]``
+    for an unsigned tensor, whose storage cannot hold a negative fill)."""
+    lo, hi = (0, (1 << bits) - 1) if unsigned else int_range(bits)
     if not math.isfinite(value):
         return lo if value < 0 else hi
     return max(lo, min(hi, math.floor(value / scale + 0.5)))
@@ -41,7 +42,7 @@ def lower_masked_fill(node: Node, lw: Lowering) -> None:
         raise QpipeError(f"{source_name(node)}: masked_fill with a mask computed from the model's values")
     xi = lw.int_input(node, x)
     q = lw.qtype(xi)
-    v = fill_value(float(value), float(q.scale), q.bits)
+    v = fill_value(float(value), float(q.scale), q.bits, q.unsigned)
     out = lw.emit(lw.anchor(node), torch.ops.qpipe.masked_fill_int.default, {"x": xi, "mask": mask, "value": v},
                   node, q, {"value": v})
     lw.bind(node, out)
@@ -59,7 +60,7 @@ def lower_pad(node: Node, lw: Lowering) -> None:
         raise QpipeError(f"{source_name(node)}: pad mode '{mode}' is not supported (only constant)")
     xi = lw.int_input(node, x)
     q = lw.qtype(xi)
-    v = fill_value(float(value or 0.0), float(q.scale), q.bits)
+    v = fill_value(float(value or 0.0), float(q.scale), q.bits, q.unsigned)
     out = lw.emit(lw.anchor(node), torch.ops.qpipe.pad_int.default, {"x": xi, "pad": list(pad), "value": v},
                   node, q, {"value": v})
     lw.bind(node, out)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from qpipe.ir.dyadic import int_range
 from qpipe.ir.qtype import QType
 from qpipe.passes.lower.context import Lowering
 from qpipe.passes.lower.table import OpFamily, register_family
@@ -15,9 +14,9 @@ aten = torch.ops.aten
 MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default})
 
 
-def accumulator_bits(a_bits: int, b_bits: int, reduction: int) -> tuple[int, int]:
-    """(bits, bound): 32 when ``hi_a * hi_b * K`` fits in int32, else 64."""
-    bound = int_range(a_bits)[1] * int_range(b_bits)[1] * max(int(reduction), 1)
+def accumulator_bits(a_max: int, b_max: int, reduction: int) -> tuple[int, int]:
+    """(bits, bound): 32 when ``max|a| * max|b| * K`` fits in int32, else 64."""
+    bound = int(a_max) * int(b_max) * max(int(reduction), 1)
     return (32 if bound < 2**31 else 64), bound
 
 
@@ -36,7 +35,7 @@ def lower_matmul(node: Node, lw: Lowering) -> None:
     qa, qb = lw.qtype(ai), lw.qtype(bi)
     reduction = node.args[0].meta["val"].shape[-1]
     reduction = reduction_bound(reduction)
-    acc_bits, bound = accumulator_bits(qa.bits, qb.bits, reduction)
+    acc_bits, bound = accumulator_bits(qa.max_abs, qb.max_abs, reduction)
     before = lw.anchor(node)
     acc_scale = float(qa.scale) * float(qb.scale)
     acc_q = {"a_scale": float(qa.scale), "b_scale": float(qb.scale), "acc_bound": bound, "acc_bits": acc_bits}

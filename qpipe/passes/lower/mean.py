@@ -55,7 +55,7 @@ def _emit_mean(lw: Lowering, node: Node, src: Node, count: Optional[Node], dims:
     xi = lw.int_input(node, src)
     qx = per_tensor(lw, node, xi)
     values = {"x": xi, "count": count, "dim": dims, "keepdim": keepdim}
-    emit_requantized(lw, node, q.mean_int.default, values, (float(qx.scale),), qx.bits + 16, max_shift=MAX_MEAN_SHIFT)
+    emit_requantized(lw, node, q.mean_int.default, values, (float(qx.scale),), qx.bits + qx.unsigned + 16, max_shift=MAX_MEAN_SHIFT)
     lw.count("mean")
 
 

@@ -63,7 +63,7 @@ def emit_requantized(lw: Lowering, node: Node, op, values: dict[str, Any], in_sc
                      product_bits: int, extra_qparams: Optional[dict] = None, max_shift: Optional[int] = None) -> Node:
     """Emit ``op`` (an OBSERVED op with a ``product_scale``) at ``node``'s observed output scale; bind it."""
     out_scale, bits, act, facts = lw.out_qparams(node)
-    lo, hi = lw.int_bounds(bits, out_scale, act)
+    lo, hi = lw.int_bounds(bits, out_scale, act, facts.get("unsigned", False))
     spec = spec_for(op)
     product = spec.product_scale(in_scales, values)
     before = lw.anchor(node)

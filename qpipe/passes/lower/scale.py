@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from qpipe.ir.dyadic import dyadic_bounded, int_range
+from qpipe.ir.dyadic import dyadic_bounded
 from qpipe.ir.graph_utils import add_constant, fetch_attr
 from qpipe.ir.meta import set_provenance
 from qpipe.ir.qtype import QType
@@ -104,11 +104,11 @@ def _lower_scalar(node: Node, lw: Lowering, x: Node, factor: float) -> None:
     xi = lw.int_input(node, x)
     qx = lw.qtype(xi)
     out_scale, bits, act, facts = lw.out_qparams(node)
-    lo, hi = lw.int_bounds(bits, out_scale, act)
+    lo, hi = lw.int_bounds(bits, out_scale, act, facts.get("unsigned", False))
     before = lw.anchor(node)
     sign = 0 if factor == 0 else (1 if factor > 0 else -1)
     w_scale = abs(factor) if sign else out_scale / float(qx.scale)
-    m, s = dyadic_bounded(float(qx.scale) * w_scale / out_scale, int_range(qx.bits)[1])  # |x * sign| <= hi(x)
+    m, s = dyadic_bounded(float(qx.scale) * w_scale / out_scale, qx.max_abs)  # |x * sign| <= max|x|
     values = {
         "x": xi,
         "w": lw.const(f"{node.name}_sign", torch.tensor([sign], dtype=torch.int8), before, QType.of(8, w_scale)),

@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
-from qpipe.ir.dyadic import int_range
 from qpipe.ir.opspec import spec_of
 from qpipe.ir.qtype import QType
 from qpipe.ir.ops.softmax import unit_scale
@@ -53,7 +52,7 @@ def masked_input(node: Node, lw: Lowering) -> Optional[tuple[Node, Node, float]]
     q = lw.qtype(xi)
     if q.per_channel or math.isnan(fill):
         return None
-    if fill + int_range(q.bits)[1] * float(q.scale) > MASK_MARGIN:
+    if fill + q.max_abs * float(q.scale) > MASK_MARGIN:
         return None  # a fill within reach of the scores: keep it a value (masked_fill_int, then softmax_int)
     return xi, mask, fill
 
