@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -116,6 +117,7 @@ def quantize(
     pipeline = parse_pipeline(passes)  # fail on a bad pipeline before loading anything slow
     backend = get_target(target)  # ... and on an unknown or unavailable target
     check_available(backend)
+    apply_pass_defaults(pipeline, backend, passes)
     if not isinstance(model, FloatModel):
         check_stages(pipeline, Stage.FLOAT)
     if isinstance(model, (str, os.PathLike)):  # the archive and its model kind: seconds, not NeMo's import
@@ -131,6 +133,14 @@ def quantize(
         if slot is not None:
             slot.discard()
         raise
+
+
+def apply_pass_defaults(pipeline, backend, passes_text: str) -> None:
+    """Set the options a target needs (``Target.pass_defaults``) that the pipeline text leaves at their defaults."""
+    for step in pipeline.steps:
+        for key, value in backend.pass_defaults.get(step.spec.name, {}).items():
+            if not re.search(rf"\b{re.escape(key)}\s*=", passes_text):
+                step.options[key] = value
 
 
 def _quantize(model: ModelLike, pipeline, backend, slot: Optional[OutputSlot], example_inputs, load, instrument,

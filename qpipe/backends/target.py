@@ -76,6 +76,9 @@ class Target(ABC):
     name: str = ""
     summary: str = ""
     files: tuple[str, ...] = ()
+    # pass options this target needs where the pipeline does not set them itself
+    # ({"insert-observers": {"unsigned_relu": False}}: a runtime without uint8)
+    pass_defaults: dict[str, dict[str, Any]] = {}
 
     def available(self) -> tuple[bool, str]:
         """``(True, "")``, or ``(False, reason)`` with one line saying what is missing here."""

@@ -138,6 +138,7 @@ class TensorRTTarget(Target):
     name = "tensorrt"
     summary = "TensorRT engine (model.plan) built from the QDQ model by TensorRT's explicit quantization"
     files = (ONNX_FILE, ENGINE_FILE)
+    pass_defaults = {"insert-observers": {"unsigned_relu": False}}  # TensorRT has no uint8
 
     def available(self) -> tuple[bool, str]:
         missing = tensorrt_missing()

@@ -16,6 +16,7 @@ from fractions import Fraction
 M_BITS = 31
 MAX_SHIFT = 62
 INT64_MAX = (1 << 63) - 1
+FLOAT64_EXACT = 1 << 53  # every integer below this is a float64; a product below it is exact in float64
 
 
 def dyadic(ratio: float, m_bits: int = M_BITS) -> tuple[int, int]:
@@ -42,8 +43,9 @@ def dyadic(ratio: float, m_bits: int = M_BITS) -> tuple[int, int]:
     return m, shift
 
 
-def product_fits(bound: int, ms, s: int, bounds=None) -> bool:
-    """``sum_i bound_i * m_i + 2**(s-1) <= 2**63 - 1``: the rounded product of every ``|v_i| <= bound_i`` fits int64.
+def product_fits(bound: int, ms, s: int, bounds=None, limit: int = INT64_MAX) -> bool:
+    """``sum_i bound_i * m_i + 2**(s-1) <= limit`` (default ``2**63 - 1``): the rounded product of every
+    ``|v_i| <= bound_i`` fits int64 (or, with ``limit=FLOAT64_EXACT``, is exact in float64).
 
     ``ms`` is one multiplier or a list (an add of several terms, each ``|v_i| <= bounds[i]``,
     or all ``<= bound`` when ``bounds`` is None).
@@ -51,15 +53,16 @@ def product_fits(bound: int, ms, s: int, bounds=None) -> bool:
     ms = [ms] if isinstance(ms, int) else list(ms)
     bounds = [bound] * len(ms) if bounds is None else list(bounds)
     half = (1 << (s - 1)) if s > 0 else 0
-    return sum(int(b) * abs(int(m)) for b, m in zip(bounds, ms)) + half <= INT64_MAX
+    return sum(int(b) * abs(int(m)) for b, m in zip(bounds, ms)) + half <= limit
 
 
-def dyadic_bounded(ratio: float, bound: int, m_bits: int = M_BITS) -> tuple[int, int]:
-    """``dyadic(ratio, k)`` for the largest ``k <= m_bits`` with ``bound * m + 2**(s-1) < 2**63``.
+def dyadic_bounded(ratio: float, bound: int, m_bits: int = M_BITS, limit: int = INT64_MAX) -> tuple[int, int]:
+    """``dyadic(ratio, k)`` for the largest ``k <= m_bits`` with ``bound * m + 2**(s-1) <= limit``.
 
     ``bound`` is a proven bound on ``|acc|``: with it the kernel's int64 ``acc * m + 2**(s-1)``
     cannot overflow. Where ``m_bits`` already fits (every 32-bit accumulator) the pair is
-    exactly ``dyadic(ratio, m_bits)``.
+    exactly ``dyadic(ratio, m_bits)``. ``limit=FLOAT64_EXACT``: the rounded product is also
+    exact in float64, so a backend may requantize in float64 with the same result.
     """
     bound = int(bound)
     for bits in range(m_bits, 0, -1):
@@ -69,7 +72,7 @@ def dyadic_bounded(ratio: float, bound: int, m_bits: int = M_BITS) -> tuple[int,
             if bits == m_bits:
                 raise
             break
-        if product_fits(bound, m, s):
+        if product_fits(bound, m, s, limit=limit):
             return m, s
     raise ValueError(f"requantization ratio {ratio!r} of an accumulator bounded by {bound} cannot be "
                      f"applied in int64 (|acc| * m + 2**(s-1) overflows for every m)")

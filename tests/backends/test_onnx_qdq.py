@@ -28,6 +28,17 @@ def tiny_int():
     return quantize(fm, FAST_PIPELINE, progress=False), fm
 
 
+@pytest.fixture(scope="module")
+def tiny_int_signed():
+    """The same model with signed ReLU outputs (``unsigned_relu=false``): what an int8-only layout (TensorRT) takes."""
+    from qpipe.frontends.torch import from_module
+
+    torch.manual_seed(0)
+    fm = from_module(TinyASR().eval(), (torch.randn(2, 8, 32),))
+    passes = FAST_PIPELINE.replace("insert-observers", "insert-observers{unsigned_relu=false}")
+    return quantize(fm, passes, progress=False), fm
+
+
 def _ops(gm, name):
     return [n for n in gm.graph.nodes if (spec_of(n) is not None and spec_of(n).name == name)]
 
@@ -71,26 +82,28 @@ def test_ort_layout_passes_the_checker_fuses_every_conv_and_add_and_matches_the_
     runner, ops = _optimized(info, tmp_path)
     convs, adds = _ops(gm, "conv1d_rq"), _ops(gm, "add_requant")
     assert len(convs) == 5 and len(adds) == 1
-    # every 8-bit conv is a QLinearConv, the 16-bit head a ConvInteger; no float conv, add or dequantize left
-    assert ops["QLinearConv"] == len(convs) - 1 and ops["ConvInteger"] == 1, ops
+    # every 8-bit conv is a QLinearConv, the 16-bit pointwise head a MatMulInteger; no float conv, add or
+    # dequantize left, and no Clip of 8-bit codes (the reference's clamps are the QuantizeLinears' saturation)
+    assert ops["QLinearConv"] == len(convs) - 1 and ops["MatMulInteger"] == 1 and ops["ConvInteger"] == 0, ops
+    assert ops["Clip"] == 1 and ops["Floor"] == 1, ops  # the 16-bit head's float64 requant only
     assert ops["QLinearAdd"] == len(adds), ops
     for float_op in ("Conv", "FusedConv", "DequantizeLinear", "Relu"):
         assert ops[float_op] == 0, ops
-    # the input quantizer is qpipe's own floor(x/scale + 1/2) in float64, not a float32 QuantizeLinear
-    assert ops["QuantizeLinear"] == 0 and ops["Floor"] == 1, ops
+    # the input quantizer is one QuantizeLinear (qpipe's quantizer is ONNX's)
+    assert ops["QuantizeLinear"] == 1, ops
 
     # the scales were picked so that ORT's kernels round as qpipe does on (nearly) every reachable value
     assert info.rounding["adds_exact"] == info.rounding["adds"] == 1
-    assert info.rounding["conv_channels_exact"] >= 0.9 * info.rounding["conv_channels"]
+    assert info.rounding["conv_channels_exact"] >= 0.8 * info.rounding["conv_channels"]  # measured 38 of 44
     worst, agree = _agreement(gm, runner, [(1, 37), (3, 64), (2, 200)])
     assert worst <= 1, f"{worst} steps of difference"  # measured: 0 (bit-identical)
     assert agree >= 0.99
 
 
-def test_tensorrt_layout_follows_the_explicit_quantization_rules(tiny_int, tmp_path):
+def test_tensorrt_layout_follows_the_explicit_quantization_rules(tiny_int_signed, tmp_path):
     """int8 with zero point 0 everywhere, weights per output channel (axis 0), activations per tensor,
     Q/DQ around every Conv and Add, nothing TensorRT lacks (uint8, int16, ConvInteger)."""
-    result, _ = tiny_int
+    result, _ = tiny_int_signed
     gm = result.gm
     info = export_onnx(gm, str(tmp_path / "model_tensorrt.onnx"), "tensorrt")
     model = onnx.load(info.path)
@@ -134,9 +147,9 @@ def test_tensorrt_layout_follows_the_explicit_quantization_rules(tiny_int, tmp_p
     assert agree >= 0.95, agree
 
 
-def test_int8_activations_leave_convs_in_float_in_ort(tiny_int, tmp_path):
+def test_int8_activations_leave_convs_in_float_in_ort(tiny_int_signed, tmp_path):
     """Why the default layout is uint8: the same graph with int8 activations is not fused by ORT's CPU provider."""
-    gm = tiny_int[0].gm
+    gm = tiny_int_signed[0].gm
     info = export_onnx(gm, str(tmp_path / "int8.onnx"), QdqLayout("int8", activations="int8"))
     _, ops = _optimized(info, tmp_path)
     assert ops["Conv"] + ops["FusedConv"] >= 1, ops
@@ -166,16 +179,19 @@ def test_unsupported_layouts_and_ops_fail_in_one_line(tiny_int, tmp_path):
         export_onnx(tiny_int[0].gm, str(tmp_path / "x.onnx"), "nope")
     with pytest.raises(QpipeError, match="activations='uint4'"):
         QdqLayout("bad", activations="uint4")
-    with pytest.raises(QpipeError, match="clamp='saturate' needs uint8 activations and relu_zero_point=0"):
-        QdqLayout("bad", clamp="saturate")  # zero point 128: leaving the clamp out would drop every ReLU
+    with pytest.raises(QpipeError, match="clamp='saturate'"):
+        QdqLayout("bad", clamp="saturate")
+    with pytest.raises(QpipeError, match=r"unsigned codes \[0, 255\] has no int8 type .*unsigned_relu=false"):
+        export_onnx(tiny_int[0].gm, str(tmp_path / "trt.onnx"), "tensorrt")  # TensorRT has no uint8
+    assert not (tmp_path / "trt.onnx").exists()
     assert set(LAYOUTS) == {"ort", "ort-fast", "tensorrt"}
 
 
-def test_relu_outputs_at_zero_point_0_stay_bit_identical(tiny_int, tmp_path):
-    """ReLU outputs as uint8 with zero point 0 (the QuantizeLinear's saturation is the ReLU, a Clip keeps
-    qpipe's 127): the residual add then mixes zero points 128 and 0, and its scales must still match."""
+def test_relu_outputs_are_uint8_at_zero_point_0_and_stay_bit_identical(tiny_int, tmp_path):
+    """ReLU outputs are unsigned codes [0, 255]: uint8 with zero point 0, whose saturation is the ReLU and
+    qpipe's clamp; the residual add then mixes zero points 128 and 0, and its scales must still match."""
     gm = tiny_int[0].gm
-    info = export_onnx(gm, str(tmp_path / "zp0.onnx"), QdqLayout("zp0", relu_zero_point=0))
+    info = export_onnx(gm, str(tmp_path / "zp.onnx"))
     zps = {int(onnx.numpy_helper.to_array(t)) for t in onnx.load(info.path).graph.initializer
            if t.name.startswith("zp") and t.data_type == onnx.TensorProto.UINT8}
     assert zps == {0, 128}
@@ -187,8 +203,8 @@ def test_relu_outputs_at_zero_point_0_stay_bit_identical(tiny_int, tmp_path):
 
 
 def test_ort_fast_layout_leaves_ort_nothing_but_its_fused_kernels(tiny_int, tmp_path):
-    """``ort-fast``: no Clip, no float64 input chain, no integer head chain; the integers may leave the
-    reference's where a value saturates, so only closeness is asserted."""
+    """``ort-fast``: the head in float, so nothing but ORT's fused kernels; the 8-bit codes are the
+    reference's, the float logits within that layer's float32 rounding of the reference's."""
     gm = tiny_int[0].gm
     info = export_onnx(gm, str(tmp_path / "fast.onnx"), "ort-fast")
     assert not info.output_integer
@@ -198,8 +214,8 @@ def test_ort_fast_layout_leaves_ort_nothing_but_its_fused_kernels(tiny_int, tmp_
     assert not leftovers, ops
     assert ops["Clip"] == ops["Cast"] == ops["ConvInteger"] == 0, ops
     assert ops["QLinearConv"] == len(_ops(gm, "conv1d_rq")) - 1  # all but the float head
-    _, agree = _agreement(gm, runner, [(1, 37), (3, 64), (2, 200)])
-    assert agree >= 0.9
+    worst, agree = _agreement(gm, runner, [(1, 37), (3, 64), (2, 200)])
+    assert worst <= 1 and agree >= 0.99
 
 
 class _LinearModel(torch.nn.Module):
@@ -313,7 +329,7 @@ def test_the_qlinearadd_emulation_is_ort_bit_for_bit(za, zb, zc, scales):
 @pytest.mark.slow
 def test_demo_quartznet_through_onnx_runtime_is_bit_identical_on_the_heldout_set(tmp_path):
     """``--target onnx-qdq`` on the demo QuartzNet: every conv and add fused, and the held-out integer
-    logits equal the reference's from the same run (measured 130/130 on an AMD EPYC, 129/130 on an Intel Xeon)."""
+    logits equal the reference's from the same run on most utterances, greedy tokens on 99 % of frames."""
     pytest.importorskip("nemo")
     from pathlib import Path
 
@@ -327,7 +343,8 @@ def test_demo_quartznet_through_onnx_runtime_is_bit_identical_on_the_heldout_set
     opt = str(tmp_path / "opt.onnx")
     OnnxQdqRunner(info_path, threads=1, optimized_model_path=opt)
     ops = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
-    assert ops["QLinearConv"] == 42 and ops["QLinearAdd"] == 5 and ops["ConvInteger"] == 1, ops
+    assert ops["QLinearConv"] == 42 and ops["QLinearAdd"] == 5 and ops["MatMulInteger"] == 1, ops
+    assert ops["Clip"] == 1 and ops["ConvInteger"] == 0, ops  # only the 16-bit head's clamp
     assert ops["Conv"] == ops["FusedConv"] == ops["DequantizeLinear"] == 0, ops
     qm = open_folder(str(out))
     fz = qm.featurizer()
@@ -343,8 +360,28 @@ def test_demo_quartznet_through_onnx_runtime_is_bit_identical_on_the_heldout_set
         worst = max(worst, int((got.to(torch.int64) - ref.to(torch.int64)).abs().max()))
         same += int((ref.argmax(-1) == got.argmax(-1)).sum())
         frames += got.shape[1]
-    # Not asserted: "within one step everywhere". On an Intel Xeon one utterance (0077) has a rounding flip
-    # (ORT's float32 requant vs qpipe's dyadic one, on a channel the scale matching could not make exact)
-    # that travels to 31 steps on 26 logits; greedy tokens stay identical. Known gap of issue 21.
-    assert same / frames >= 0.99
-    assert identical >= 0.95 * 130, f"{identical} of 130 utterances bit-identical"
+    # Not asserted: "within one step everywhere". ORT requantizes in float32, qpipe by a dyadic pair; the
+    # matched scales make most channels round alike, not all (the demo: 7062 of 7776 channels exact since
+    # ReLU outputs are unsigned [0, 255], 7656 before), and a flip travels on through the layers.
+    # Measured on an Intel Xeon: 120 of 130 utterances bit-identical. Known gap of issue 21.
+    assert same / frames >= 0.99, f"greedy {same / frames:.4f}, worst {worst} steps"
+    assert identical >= 0.85 * 130, f"{identical} of 130 utterances bit-identical (worst {worst} steps)"
+
+
+def test_a_target_without_uint8_quantizes_relu_outputs_signed():
+    """``--target tensorrt`` (TensorRT has no uint8) sets ``insert-observers{unsigned_relu=false}`` unless the
+    pipeline says otherwise; a pipeline that asks for unsigned codes keeps them (and the export says why it fails)."""
+    from qpipe.api import apply_pass_defaults
+    from qpipe.backends import get_target
+    from qpipe.ir.passes import parse_pipeline
+
+    def unsigned_relu(text):
+        pipeline = parse_pipeline(text)
+        apply_pass_defaults(pipeline, get_target("tensorrt"), text)
+        return next(s.options["unsigned_relu"] for s in pipeline.steps if s.spec.name == "insert-observers")
+
+    assert unsigned_relu(FAST_PIPELINE) is False
+    assert unsigned_relu(FAST_PIPELINE.replace("insert-observers", "insert-observers{unsigned_relu=true}")) is True
+    pipeline = parse_pipeline(FAST_PIPELINE)
+    apply_pass_defaults(pipeline, get_target("onnx-qdq"), FAST_PIPELINE)
+    assert next(s.options["unsigned_relu"] for s in pipeline.steps if s.spec.name == "insert-observers") is True
