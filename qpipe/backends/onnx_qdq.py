@@ -62,7 +62,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpipe.backends.onnx.islands import ATEN_LOWERINGS, LOWERINGS as ISLAND_LOWERINGS
-from qpipe.backends.onnx.ort_rounding import MatchStats, match_add_scales, match_conv_scales
+from qpipe.backends.onnx.ort_rounding import MatchStats, conv_multiplier, match_add_scales, match_conv_scales
 from qpipe.backends.onnx.values import QCodes, Real
 from qpipe.backends.target import SaveRecord, Target, register_target
 from qpipe.ir.errors import QpipeError
@@ -406,7 +406,18 @@ class _Builder:
         cout = int(w.shape[0])
         sw = np.array(wq.scales if wq.per_channel else wq.scales * cout, dtype=np.float64)
         sw32 = sw.astype(np.float32)
-        if self.match and out_qt is not None and "m" in b:
+        if b.get("f32") and out_qt is not None and self.layout.activations == "uint8":
+            # the reference's multiplier is fl32(fl32(S_x*S_w)/S_y) of these very float32 scales:
+            # ORT's QLinearConv / QGemm compute the same one and round as the reference does
+            m = np.broadcast_to(self.tensor(b["m"]).numpy().astype(np.int64).reshape(-1), (cout,))
+            s = np.broadcast_to(self.tensor(b["s"]).numpy().astype(np.int64).reshape(-1), (cout,))
+            got = conv_multiplier(x.scale, sw32, float(out_qt.scale)).astype(np.float64)
+            if not np.array_equal(got, m * np.power(2.0, -s.astype(np.float64))):
+                raise QpipeError(f"onnx-qdq: %{node.name}: ORT's float32 multiplier is not the reference's "
+                                 "(was the graph requantized for other scales?)")
+            self.stats.conv_channels += cout
+            self.stats.conv_channels_exact += cout
+        elif self.match and out_qt is not None and "m" in b:
             m = np.broadcast_to(self.tensor(b["m"]).numpy().astype(np.int64).reshape(-1), (cout,))
             s = np.broadcast_to(self.tensor(b["s"]).numpy().astype(np.int64).reshape(-1), (cout,))
             sy = float(out_qt.scale)

@@ -95,11 +95,17 @@ class OpSpec:
         return values
 
     def args_from(self, values: dict[str, Any]) -> tuple[Any, ...]:
-        """Positional arguments for this op from a name -> value map (extra names ignored)."""
-        missing = [n for n in self.arg_names if n not in values]
+        """Positional arguments for this op from a name -> value map (extra names ignored; an argument
+        with a schema default may be left out, and trailing defaults are not written)."""
+        schema_args = self.op._schema.arguments
+        missing = [a.name for a in schema_args if a.name not in values and not a.has_default_value()]
         if missing:
             raise ValueError(f"qpipe.{self.name}: no value for {', '.join(missing)}")
-        return tuple(values[n] for n in self.arg_names)
+        out = [values[a.name] if a.name in values else a.default_value for a in schema_args]
+        while schema_args and len(out) > 0 and schema_args[len(out) - 1].has_default_value() \
+                and out[-1] == schema_args[len(out) - 1].default_value and type(out[-1]) is type(schema_args[len(out) - 1].default_value):
+            out.pop()  # a default at the end is left to the schema: the printed IR of older graphs stays the same
+        return tuple(out)
 
     def output_channel_dim(self, values: dict[str, Any], ndim: int) -> Optional[int]:
         cd = self.channel_dim

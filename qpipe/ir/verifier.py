@@ -112,13 +112,16 @@ def _channel_scales(q: QType, channels: int) -> list[float]:
     return list(q.scales) if q.per_channel else [float(q.scale)] * channels
 
 
-# m * 2**-s is the rounded ratio: |ratio * 2**s - m| <= 1/2, and float64 slack on top.
+# m * 2**-s is the rounded ratio: |ratio * 2**s - m| <= 1/2, and float64 slack on top. A float32
+# multiplier (``f32=True``: fl32(fl32(S_x*S_w)/S_y), four float32 roundings of 24-bit values) is
+# within 4 units of its 24-bit m instead.
 _SLACK = 1e-9
+_F32_UNITS = 4.0
 
 
-def _dyadic_agrees(in_scale: float, m: int, s: int, out_scale: float) -> bool:
+def _dyadic_agrees(in_scale: float, m: int, s: int, out_scale: float, units: float = 0.5) -> bool:
     ratio = in_scale / out_scale
-    return abs(ratio * 2.0**s - m) <= 0.5 + _SLACK * max(1.0, ratio * 2.0**s)
+    return abs(ratio * 2.0**s - m) <= units + _SLACK * max(1.0, ratio * 2.0**s)
 
 
 def qtype_violations(gm: GraphModule) -> list[str]:
@@ -189,7 +192,8 @@ def _scale_rule_problems(gm: GraphModule, spec, values: dict, q: QType, ndim: in
             ms = m.flatten().tolist() * (channels if m.numel() == 1 else 1)
             ss = shift.flatten().tolist() * (channels if shift.numel() == 1 else 1)
             outs = _channel_scales(q, channels)
-            bad = [c for c in range(channels) if not _dyadic_agrees(in_scales[c], ms[c], ss[c], outs[c])]
+            units = _F32_UNITS if values.get("f32") else 0.5
+            bad = [c for c in range(channels) if not _dyadic_agrees(in_scales[c], ms[c], ss[c], outs[c], units)]
             if bad:
                 c = bad[0]
                 problems.append(

@@ -8,7 +8,7 @@ from torch.fx import GraphModule, Node
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.meta import QPARAMS, QPOLICY, source_name
 from qpipe.ir.observer import ActObserver
-from qpipe.ir.passes import PassContext, PassResult, register
+from qpipe.ir.passes import Opt, PassContext, PassResult, register
 from qpipe.ir.printer import target_name
 from qpipe.ir.qtype import QType
 from qpipe.ir.stages import Stage
@@ -30,7 +30,8 @@ def _quantize_input(lw: Lowering, node: Node) -> None:
     lw.count("quantize")
 
 
-@register("substitute-int-ops", needs=Stage.CALIBRATED, leaves=Stage.INTEGER)
+@register("substitute-int-ops", needs=Stage.CALIBRATED, leaves=Stage.INTEGER,
+          options={"requant": Opt("f32", choices=("f32", "dyadic"))})
 def substitute_int_ops(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Replace each float op of a known family with qpipe:: integer ops (conv, linear, residual add, ReLU/clamp).
 
@@ -39,8 +40,18 @@ def substitute_int_ops(gm: GraphModule, ctx: PassContext) -> PassResult:
     pair; a ReLU read by one producer is folded into that requantization's clamp.
     Each op family's handler (qpipe/passes/lower/) does its part; old float nodes
     are left dead for eliminate-dead-float.
+
+    ``requant``: how an 8-bit conv / linear output is requantized. ``f32`` (the
+    default): by the float32 multiplier ``fl32(fl32(S_x*S_w)/S_y)``, rounded as
+    float32 arithmetic rounds (emulated in integers: ``ops/kernels.py``), which is
+    what ONNX Runtime's fused QLinearConv / QGemm and a float32 GPU epilogue
+    compute, so those backends are the reference's integers by construction.
+    ``dyadic``: the 31-bit ``(acc*m + 2**(s-1)) >> s`` of Q-ASR (for integer
+    hardware without float units; ONNX Runtime then matches it only where a
+    float32 scale rounds alike). Every other requantization is dyadic.
     """
     lw = Lowering(gm)
+    lw.requant_rounding = str(ctx.options["requant"])
     lw.stats = {"quantize": 0, **{f.name: 0 for f in families()}}
     unsupported = []
     for node in list(gm.graph.nodes):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, exact_float_dtype, requant_reference
+from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, exact_float_dtype, requantize
 
 _CONV_ROLES = dict(inputs=("x",), weight="w", bias="bias", channel_dim=1)
 _RQ_ROLES = dict(multipliers=("m",), shift="s", clamp=("lo", "hi"), out_bits="bits")
@@ -67,15 +67,17 @@ def _define_conv(dims: int) -> tuple:
         lo: int,
         hi: int,
         bits: int,
+        f32: bool = False,
     ) -> Tensor:
         total = conv_accumulate(x, w, bias, stride, padding, dilation, groups)
-        return requant_reference(total, m, s, 1, lo, hi).to(dtype_for_range(bits, lo, hi))
+        return requantize(total, m, s, 1, lo, hi, f32).to(dtype_for_range(bits, lo, hi))
 
-    rq.__doc__ = f"Integer conv{dims}d + per-channel dyadic requant + clamp (ReLU) -> int8."
+    rq.__doc__ = (f"Integer conv{dims}d + per-channel requant (dyadic, or float32-faithful with ``f32``) + clamp "
+                  "(ReLU) -> int8 / uint8.")
     rq_op = qpipe_op(f"{name}_rq", kind=OpKind.REQUANTIZE, scale_rule=ScaleRule.OBSERVED, **_CONV_ROLES, **_RQ_ROLES)(rq)
 
     @rq_op.register_fake
-    def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits):
+    def _(x, w, bias, m, s, stride, padding, dilation, groups, lo, hi, bits, f32=False):
         return _conv_fake(x, w, stride, padding, dilation, groups).to(dtype_for_range(bits, lo, hi))
 
     return acc_op, rq_op

@@ -4,14 +4,15 @@ Convolutions and matmuls run their integer dot products in floating point:
 every int8*int8 product and partial sum is an integer below 2**24 (float32) or
 2**53 (float64), so the float result *is* the exact integer
 (``exact_float_dtype`` proves the bound from the data of each call).
-Rounding is always "half up": ``(v * m + 2**(s-1)) >> s`` with an arithmetic
-shift.
+Rounding is "half up": ``(v * m + 2**(s-1)) >> s`` with an arithmetic shift,
+except in the float32-faithful requantization (:func:`requant_f32_reference`).
 """
 from __future__ import annotations
 
 import math
 from fractions import Fraction
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,6 +59,74 @@ def round_shift(v: Tensor, s: Tensor | int) -> Tensor:
     s = torch.as_tensor(s, dtype=torch.int64, device=v.device)
     half = torch.where(s > 0, torch.bitwise_left_shift(torch.ones_like(s), (s - 1).clamp_min(0)), torch.zeros_like(s))
     return torch.bitwise_right_shift(v + half, s)
+
+
+def bit_length(v: Tensor) -> Tensor:
+    """Bits of each non-negative int64 (``int.bit_length``), by a binary search of shifts."""
+    v = v.clone()
+    n = torch.zeros_like(v)
+    for sh in (32, 16, 8, 4, 2, 1):
+        big = (v >> sh) > 0
+        n = n + big.to(torch.int64) * sh
+        v = torch.where(big, v >> sh, v)
+    return n + (v > 0).to(torch.int64)
+
+
+def shift_half_even(v: Tensor, sh: Tensor) -> Tensor:
+    """``round_half_even(v / 2**sh)`` of int64 ``v`` for shifts ``sh >= 0`` (per element)."""
+    q = torch.bitwise_right_shift(v, sh)  # floor
+    rem = v - torch.bitwise_left_shift(q, sh)
+    half = torch.where(sh > 0, torch.bitwise_left_shift(torch.ones_like(sh), (sh - 1).clamp_min(0)), torch.zeros_like(sh))
+    up = (sh > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))
+    return q + up.to(torch.int64)
+
+
+F32_BITS = 24  # float32 significand
+
+
+def to_f32_grid(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``fl32(v)`` of int64 ``v`` as ``(mantissa, exponent)`` with ``fl32(v) = mantissa * 2**exponent``:
+    ``v`` rounded half to even to 24 significant bits, as a float32 conversion rounds it."""
+    sh = (bit_length(v.abs()) - F32_BITS).clamp_min(0)
+    return shift_half_even(v, sh), sh
+
+
+def requant_f32_reference(acc: Tensor, m: Tensor, s: Tensor, channel_dim: int, lo: int, hi: int) -> Tensor:
+    """``clamp(round_half_even(fl32(fl32(acc) * M)), lo, hi)`` with the float32 multiplier ``M = m * 2**-s``
+    (``m < 2**24``), in integers: what ONNX Runtime's QLinearConv / QGemm (MLAS), TensorRT and a float32
+    epilogue compute, bit for bit (float32 products round to nearest even, and so does the final conversion).
+
+    ``fl32(acc)`` is ``acc`` on the 24-bit grid; its product with ``m`` is exact in int64 (< 2**48),
+    rounded once more to 24 significant bits (the float32 product), then shifted by ``s`` to an
+    integer, half to even. No float arithmetic is involved; ``tests/ir/test_f32_requant.py`` checks it
+    against torch's float32 multiply on the boundary cases.
+    """
+    acc = acc.to(torch.int64)
+    m = broadcast_channel(m.to(torch.int64), acc.dim(), channel_dim)
+    s = broadcast_channel(s.to(torch.int64), acc.dim(), channel_dim)
+    a, ea = to_f32_grid(acc)
+    p, ep = to_f32_grid(a * m)
+    shift = s - ea - ep  # fl32(fl32(acc) * M) = p * 2**-shift
+    left = (-shift).clamp_min(0)
+    out = torch.where(shift > 0, shift_half_even(p, shift.clamp_min(0)), torch.bitwise_left_shift(p, left))
+    return out.clamp(lo, hi)
+
+
+def requantize(acc: Tensor, m: Tensor, s: Tensor, channel_dim: int, lo: int, hi: int, f32: bool) -> Tensor:
+    """The dyadic requantization (half up) or, with ``f32``, the float32-faithful one (half to even)."""
+    if f32:
+        return requant_f32_reference(acc, m, s, channel_dim, lo, hi)
+    return requant_reference(acc, m, s, channel_dim, lo, hi)
+
+
+def f32_multiplier(ratio: float) -> tuple[int, int]:
+    """``(m, s)`` with ``m * 2**-s`` the float32 nearest ``ratio`` exactly (``2**23 <= m < 2**24``)."""
+    f = float(np.float32(ratio))
+    if not math.isfinite(f) or f <= 0:
+        raise ValueError(f"a float32 requantization multiplier must be finite and > 0, got {ratio!r}")
+    frac, exponent = math.frexp(f)
+    m = int(frac * (1 << F32_BITS))
+    return m, F32_BITS - exponent
 
 
 def broadcast_channel(t: Tensor, ndim: int, channel_dim: int) -> Tensor:

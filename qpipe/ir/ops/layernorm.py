@@ -22,20 +22,9 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits
+from qpipe.ir.ops.kernels import bit_length, dtype_for_bits
 
 LN_FRAC_BITS = 14  # K: the normalized value has 2**14 steps per sqrt(D) standard deviations
-
-
-def bit_length(v: Tensor) -> Tensor:
-    """Bits of each non-negative int64 (``int.bit_length``), by a binary search of shifts."""
-    v = v.clone()
-    n = torch.zeros_like(v)
-    for sh in (32, 16, 8, 4, 2, 1):
-        big = (v >> sh) > 0
-        n = n + big.to(torch.int64) * sh
-        v = torch.where(big, v >> sh, v)
-    return n + (v > 0).to(torch.int64)
 
 
 def isqrt_newton(n: Tensor) -> Tensor:

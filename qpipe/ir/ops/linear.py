@@ -7,7 +7,7 @@ from torch import Tensor
 import torch
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, exact_float_dtype, requant_reference
+from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, exact_float_dtype, requantize
 
 
 def linear_accumulate(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -52,12 +52,13 @@ def _(x, w, bias, acc_bits):
     out_bits="bits",
     channel_dim=-1,
 )
-def linear_rq(x: Tensor, w: Tensor, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int) -> Tensor:
-    """Integer linear + per-output-feature dyadic requant + clamp -> int8."""
+def linear_rq(x: Tensor, w: Tensor, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int,
+              f32: bool = False) -> Tensor:
+    """Integer linear + per-output-feature requant (dyadic, or float32-faithful with ``f32``) + clamp -> int8."""
     acc = linear_accumulate(x, w, bias)
-    return requant_reference(acc, m, s, acc.dim() - 1, lo, hi).to(dtype_for_range(bits, lo, hi))
+    return requantize(acc, m, s, acc.dim() - 1, lo, hi, f32).to(dtype_for_range(bits, lo, hi))
 
 
 @linear_rq.register_fake
-def _(x, w, bias, m, s, lo, hi, bits):
+def _(x, w, bias, m, s, lo, hi, bits, f32=False):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype_for_range(bits, lo, hi))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from qpipe.ir.opspec import OpKind, ScaleRule, qpipe_op
-from qpipe.ir.ops.kernels import dtype_for_range, requant_reference, round_shift
+from qpipe.ir.ops.kernels import dtype_for_range, requantize, round_shift
 
 
 @qpipe_op(
@@ -23,13 +23,16 @@ from qpipe.ir.ops.kernels import dtype_for_range, requant_reference, round_shift
     out_bits="bits",
     channel_dim="channel_dim",
 )
-def requant(acc: Tensor, m: Tensor, s: Tensor, channel_dim: int, lo: int, hi: int, bits: int) -> Tensor:
-    """Dyadic requantization ``clamp((acc*m + 2**(s-1)) >> s, lo, hi)``; m, s per channel or scalar."""
-    return requant_reference(acc, m, s, channel_dim, lo, hi).to(dtype_for_range(bits, lo, hi))
+def requant(acc: Tensor, m: Tensor, s: Tensor, channel_dim: int, lo: int, hi: int, bits: int, f32: bool = False) -> Tensor:
+    """Dyadic requantization ``clamp((acc*m + 2**(s-1)) >> s, lo, hi)``; m, s per channel or scalar.
+
+    ``f32``: ``m * 2**-s`` is a float32 multiplier and the result is float32 arithmetic's,
+    ``round_half_even(fl32(fl32(acc) * M))`` (computed in integers: ``kernels.requant_f32_reference``)."""
+    return requantize(acc, m, s, channel_dim, lo, hi, f32).to(dtype_for_range(bits, lo, hi))
 
 
 @requant.register_fake
-def _(acc, m, s, channel_dim, lo, hi, bits):
+def _(acc, m, s, channel_dim, lo, hi, bits, f32=False):
     return torch.empty_like(acc, dtype=dtype_for_range(bits, lo, hi))
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
@@ -19,6 +20,7 @@ from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import add_constant, users_through
 from qpipe.ir.meta import QPARAMS, QPOLICY, set_provenance, source_name
 from qpipe.ir.observer import ActObserver
+from qpipe.ir.ops.kernels import f32_multiplier
 from qpipe.ir.opspec import spec_for
 from qpipe.ir.printer import target_name
 from qpipe.ir.qtype import QType, qtype_of, set_qtype
@@ -51,6 +53,7 @@ class Lowering:
         self.int_of: dict[Node, Node] = {}
         self.stats: dict[str, int] = {}
         self.tail_ops: list[str] = []
+        self.requant_rounding = "f32"  # substitute-int-ops{requant=...}: how 8-bit conv/linear outputs round
 
     # -- bookkeeping ----------------------------------------------------------
     def count(self, key: str, n: int = 1) -> None:
@@ -162,7 +165,8 @@ class Lowering:
             raise QpipeError(f"%{acc.name}: {len(bounds)} accumulator bounds for {channels} channels")
         return bounds
 
-    def requant_after(self, node: Node, acc: Node, before: Node, channel_dim: int, bounds=None) -> Node:
+    def requant_after(self, node: Node, acc: Node, before: Node, channel_dim: int, bounds=None,
+                      factors: Optional[tuple[float, list[float]]] = None) -> Node:
         """Requantize the accumulator ``acc`` (per-channel scale) to ``node``'s observed output scale.
 
         Each channel's ``(m, s)`` is the 31-bit dyadic pair of its scale ratio, with ``m``
@@ -173,8 +177,15 @@ class Lowering:
         (ONNX Runtime: 0.08 ms against 0.43 ms for the int64 shifts on the demo QuartzNet's
         head). Only where that costs at most two bits of a 31-bit ``m`` (8-bit inputs): a
         16-bit x 16-bit head keeps its int64 pair.
+
+        ``factors``: ``(S_x, [S_w per channel])`` of a conv / linear. With them, an 8-bit output
+        and ``requant_rounding == "f32"``, the pair is the float32 multiplier
+        ``fl32(fl32(S_x*S_w)/S_y)`` (in ONNX Runtime's order of operations) and the op rounds as
+        float32 arithmetic (``f32=True``).
         """
         out_scale, bits, act, facts = self.out_qparams(node)
+        if factors is not None and bits <= 8 and self.requant_rounding == "f32":
+            return self._requant_f32(node, acc, before, channel_dim, out_scale, bits, act, facts, factors)
         role = getattr(self.out_observer(node)[0].meta[QPOLICY], "role", "activation")
         limit = FLOAT64_EXACT if role == "output" else INT64_MAX
         lo, hi = self.int_bounds(bits, out_scale, act, facts.get("unsigned", False))  # straight to the activation's scale and clamp
@@ -194,6 +205,28 @@ class Lowering:
         qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi,
               "m": [p[0] for p in pairs], "s": [p[1] for p in pairs], **facts}
         values = {"acc": acc, "m": m, "s": s, "channel_dim": channel_dim, "lo": lo, "hi": hi, "bits": bits}
+        rq = self.emit(before, torch.ops.qpipe.requant.default, values, node, QType.of(bits, out_scale), qp)
+        self.bind(node, rq)
+        if act is not None:
+            self.bind(act, rq)
+            self.count("activation")
+        return rq
+
+    def _requant_f32(self, node: Node, acc: Node, before: Node, channel_dim: int, out_scale: float, bits: int,
+                     act: Optional[Node], facts: dict, factors: tuple[float, list[float]]) -> Node:
+        """The float32-faithful requantization: ``(m, s)`` is exactly ``fl32(fl32(S_x*S_w)/S_y)``."""
+        lo, hi = self.int_bounds(bits, out_scale, act, facts.get("unsigned", False))
+        sx = np.float32(factors[0])
+        sy = np.float32(out_scale)
+        try:
+            pairs = [f32_multiplier(float(np.float32(sx * np.float32(sw)) / sy)) for sw in factors[1]]
+        except ValueError as exc:
+            raise QpipeError(f"{source_name(node)}: {exc}") from exc
+        m = self.const(f"{node.name}_m", torch.tensor([p[0] for p in pairs], dtype=torch.int64), before)
+        s = self.const(f"{node.name}_s", torch.tensor([p[1] for p in pairs], dtype=torch.int64), before)
+        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, "requant": "f32",
+              "m": [p[0] for p in pairs], "s": [p[1] for p in pairs], **facts}
+        values = {"acc": acc, "m": m, "s": s, "channel_dim": channel_dim, "lo": lo, "hi": hi, "bits": bits, "f32": True}
         rq = self.emit(before, torch.ops.qpipe.requant.default, values, node, QType.of(bits, out_scale), qp)
         self.bind(node, rq)
         if act is not None:

@@ -75,7 +75,7 @@ def lower_weighted(lw: Lowering, node: Node, x: Node, w_node: Node, b_node, acc_
     row = wq.to(torch.int64).abs().reshape(wq.shape[0], -1).sum(dim=1) * x_hi
     if b_node is not None:
         row = row + bq.abs().to(torch.int64)
-    lw.requant_after(node, acc, before, channel_dim, bounds=row.tolist())
+    lw.requant_after(node, acc, before, channel_dim, bounds=row.tolist(), factors=(s_x, s_w.tolist()))
 
 
 def lower_conv(node: Node, lw: Lowering) -> None:
