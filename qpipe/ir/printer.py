@@ -139,8 +139,10 @@ def format_node(node: Node, syms: SymbolNames, with_provenance: bool = False) ->
     spec = spec_of(node)
     if spec is not None:
         positional = {spec.arg_names[0], *spec.inputs, spec.weight, spec.bias}
+        given = set(spec.arg_names[: len(node.args)]) | set(node.kwargs)  # a schema default left out is not printed
         args = [
-            _fmt_value(v) if name in positional else f"{name}={_fmt_value(v)}" for name, v in spec.bind(node).items()
+            _fmt_value(v) if name in positional else f"{name}={_fmt_value(v)}"
+            for name, v in spec.bind(node).items() if name in given
         ]
         head += "(" + ", ".join(args) + ")"
     elif node.op in ("call_function", "call_module"):

@@ -99,7 +99,7 @@ def test_load_custom_pass_from_file(nemo_tiny_path, tmp_path):
     pipeline = FAST_PIPELINE.replace("insert-observers,", "insert-observers,set-bits{match=encoder.1,bits=6},")
     proc = run_cli(nemo_tiny_path, "--load", example, "--passes", pipeline, "--print-after-all", "--quiet")
     assert "set-bits" in proc.stdout and "changed=" in proc.stdout
-    FileCheck().check("IR after set-bits").check("bits=6").check("IR after fuse-requant").check("qpipe.conv1d_rq").check("lo=-31, hi=31, bits=6)").run(proc.stdout)
+    FileCheck().check("IR after set-bits").check("bits=6").check("IR after fuse-requant").check("qpipe.conv1d_rq").check("lo=-32, hi=31, bits=6, f32=true)").run(proc.stdout)
     listed = run_cli("--load", example, "--list-passes")
     assert "set-bits" in listed.stdout
 

@@ -82,10 +82,10 @@ def test_squeeze_excite_becomes_integer(citrinet_run):
     text = print_ir(run.gm)
     FileCheck().check("qpipe.quantize(%x").check("qpipe.conv1d_rq(").check("qpipe.masked_fill_int(") \
         .check("qpipe.mean_int(").check("count=%sum_2").check("dim=[-1], keepdim=true").check(": i8[B,16,1]") \
-        .check("qpipe.linear_rq(").check("lo=0, hi=127").check("qpipe.linear_rq(") \
+        .check("qpipe.linear_rq(").check("lo=0, hi=255, bits=8, f32=true)").check(": u8[B,1,4]").check("qpipe.linear_rq(") \
         .check("qpipe.sigmoid_int(").check("bits=16)").check(": i16[B,16,1]") \
         .check("qpipe.mul_requant(").check(": i8[B,16,T]") \
-        .check("qpipe.add_requant(").check("lo=0, hi=127").check("qpipe.conv1d_rq(").check("bits=16)").check("return").run(text)
+        .check("qpipe.add_requant(").check("lo=0, hi=255").check(": u8[B,16,T]").check("qpipe.conv1d_rq(").check("bits=16)").check("return").run(text)
     # the frame count (bool mask -> int64 sum) stays: integer shape arithmetic outside the quantized region
     FileCheck().check("aten.sum.dim_IntList(%bitwise_not").check_not("aten.sum").run(text)
     for op in ("aten.div", "aten.mul", "aten.sigmoid", "aten.masked_fill", "aten.relu", "aten.to", "aten._to_copy"):

@@ -123,7 +123,7 @@ def test_keep16_keeps_softmax_and_layer_norm_outputs_at_16_bits():
     run = run_pipeline(fm.gm, pipe, state=fm.pipeline_state(), progress=False)
     text = print_ir(run.gm)
     FileCheck().check("qpipe.masked_softmax_int(").check("bits=16)").check(": i16[").run(text)
-    FileCheck().check_count("lo=-32767, hi=32767, bits=16) {", 4).run(
+    FileCheck().check_count("lo=-32768, hi=32767, bits=16) {", 4).run(
         "\n".join(line for line in text.splitlines() if "qpipe.scale_rq(%layer_norm" in line))
     assert run.records[1].stats["kept16"] == 5  # 4 LayerNorms + 1 softmax
     assert run.records[-1].stats["float_ops"] == 0

@@ -47,8 +47,8 @@ def test_conv2d_subsampling_becomes_integer():
     run = run_pipeline(fm.gm, FAST_PIPELINE, state=state, progress=False)
     text = print_ir(run.gm)
     FileCheck().check("// stage: integer").check("qpipe.quantize(%x").check("aten.unsqueeze") \
-        .check("qpipe.conv2d_rq(").check("stride=[2, 2], padding=[1, 1]").check("lo=0, hi=127, bits=8)").check(": i8[B,4,") \
-        .check("qpipe.conv2d_rq(").check("groups=2").check("lo=0, hi=127, bits=8)") \
+        .check("qpipe.conv2d_rq(").check("stride=[2, 2], padding=[1, 1]").check("lo=0, hi=255, bits=8, f32=true)").check(": u8[B,4,") \
+        .check("qpipe.conv2d_rq(").check("groups=2").check("lo=0, hi=255, bits=8, f32=true)") \
         .check("qpipe.linear_rq(").check("bits=16)").check_not("aten.conv2d").check_not("aten.relu").run(text)
     FileCheck().check_count("qpipe.conv2d_rq", 2, exactly=True).check_not("qpipe.conv2d_acc").run(text)
     assert run.records[0].stats["folded"] == 2

@@ -193,4 +193,4 @@ def test_calibrate_noise_baselines(tiny_float_model):
 def test_lower_activation_bits_reach_the_integer_ops(tiny_float_model):
     run, _ = _run(tiny_float_model, FAST_PIPELINE.replace("insert-observers", "insert-observers{a_bits=6}"))
     text = print_ir(run.gm)
-    FileCheck().check("qpipe.conv1d_rq").check("lo=-31, hi=31, bits=6)").run(text)
+    FileCheck().check("qpipe.conv1d_rq").check("lo=-32, hi=31, bits=6, f32=true)").run(text)
