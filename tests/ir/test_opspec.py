@@ -36,7 +36,7 @@ def test_every_integer_op_has_a_spec_in_the_verifier_table():
 
 def test_bind_reads_arguments_by_name():
     spec = spec_of(type("N", (), {"op": "call_function", "target": Q.requant.default})())
-    assert spec.arg_names == ("acc", "m", "s", "channel_dim", "lo", "hi", "bits")
+    assert spec.arg_names == ("acc", "m", "s", "channel_dim", "lo", "hi", "bits", "f32")
     values = dict(zip(spec.arg_names, range(7)))
     assert spec.args_from({**values, "unused": 9}) == tuple(range(7))
     with pytest.raises(ValueError, match="no value for bits"):
