@@ -13,8 +13,10 @@ here. Where it matches none, the fingerprint check is what is tested; the
 logits part skips and says which fingerprint to record.
 
 ``python tests/e2e/test_demo_bit_identical.py --write`` records this machine's run.
-The first entry was written by the pre-redesign code (0f41dcf) on an AMD EPYC
-(its fingerprint was not recorded then); the redesign reproduced it 130/130.
+The integer scheme changed on 2026-12-02 (ReLU outputs unsigned [0, 255], full-range
+signed codes, float32-faithful conv requantization, QuantizeLinear input): the runs
+recorded before it (AMD EPYC at 0f41dcf, Intel Xeon at a5eba3e) were dropped, as
+no current code reproduces them; the entry now is an Intel Xeon's.
 """
 from __future__ import annotations
 
