@@ -16,7 +16,7 @@ runtimes fuse them back into integer kernels:
 qpipe's activation codes are int8 on [-128, 127], or uint8 on [0, 255] for a
 ReLU's output, and both are what an 8-bit QuantizeLinear saturates to: the
 reference's clamps *are* the runtimes' saturation, so no clamp needs an op of
-its own. Three layouts (:data:`LAYOUTS`):
+its own. Two layouts (:data:`LAYOUTS`; ``head="float"`` gives the ORT-quantizer shape of the last layer):
 
 ``ort`` (the default, what ``--target onnx-qdq`` writes)
     signed activations are **uint8 with zero point 128** (the same integers,
@@ -26,10 +26,6 @@ its own. Three layouts (:data:`LAYOUTS`):
     float). The int16 output layer is ``MatMulInteger`` (a 1x1 conv or a
     linear; ``ConvInteger`` otherwise) plus qpipe's own dyadic requantization
     in int64, so the logits are int16 in the reference's integer units.
-``ort-fast`` (``--target onnx-qdq-fast``)
-    as ``ort``, but the 16-bit head is ``DQ -> Conv`` in float, as ORT's own
-    quantizer leaves it: the logits are float and may differ from the
-    reference's by the float32 rounding of that one layer.
 ``tensorrt``
     what TensorRT's explicit quantization accepts: int8 activations with zero
     point 0, weights int8 per output channel (DQ axis 0), ReLU as a float
@@ -117,7 +113,6 @@ class QdqLayout:
 
 LAYOUTS = {
     "ort": QdqLayout("ort"),
-    "ort-fast": QdqLayout("ort-fast", head="float"),
     "tensorrt": QdqLayout("tensorrt", activations="int8", clamp="float", head="float", weight_scale="qtype"),
 }
 
@@ -473,7 +468,7 @@ class _Builder:
 
         A pointwise conv1d (QuartzNet's and Citrinet's decoder) is ``MatMulInteger`` over the time-major
         codes, then transposed back: ORT's ``ConvInteger`` measured 8x slower on the demo's head."""
-        elem, zp, npdtype = x.elem, x.zp, {self.TP.UINT8: np.uint8, self.TP.INT8: np.int8}[x.elem]
+        zp, npdtype = x.zp, {self.TP.UINT8: np.uint8, self.TP.INT8: np.int8}[x.elem]
         pointwise = (w.dim() == 3 and attrs["kernel_shape"] == [1] and attrs["strides"] == [1]
                      and attrs["pads"] == [0, 0] and attrs["group"] == 1)
         if pointwise:
@@ -871,17 +866,3 @@ class OnnxQdqTarget(Target):
         threads = int(os.environ.get(THREADS_ENV, "0") or 0)
         return OnnxQdqRunner(os.path.join(folder, MODEL_FILE), threads=threads,
                              output_scale=outputs[0].get("scale"), output_bits=int(outputs[0].get("bits", 16)))
-
-
-@register_target
-class OnnxQdqFastTarget(OnnxQdqTarget):
-    """``--target onnx-qdq-fast``: the ``ort-fast`` layout: ``onnx-qdq`` with the 16-bit head in float.
-
-    The output layer is ``DQ -> Conv`` with float logits, as ONNX Runtime's own
-    quantizer leaves it; every other tensor holds the reference's integers. The
-    logits may differ from the reference's by that layer's float32 rounding.
-    """
-
-    name = "onnx-qdq-fast"
-    summary = "onnx-qdq with a float output layer (ORT's own graph shape): logits within float32 rounding of the reference's"
-    layout = "ort-fast"

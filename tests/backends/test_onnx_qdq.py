@@ -184,7 +184,7 @@ def test_unsupported_layouts_and_ops_fail_in_one_line(tiny_int, tmp_path):
     with pytest.raises(QpipeError, match=r"unsigned codes \[0, 255\] has no int8 type .*unsigned_relu=false"):
         export_onnx(tiny_int[0].gm, str(tmp_path / "trt.onnx"), "tensorrt")  # TensorRT has no uint8
     assert not (tmp_path / "trt.onnx").exists()
-    assert set(LAYOUTS) == {"ort", "ort-fast", "tensorrt"}
+    assert set(LAYOUTS) == {"ort", "tensorrt"}
 
 
 def test_relu_outputs_are_uint8_at_zero_point_0_and_stay_bit_identical(tiny_int, tmp_path):
@@ -202,11 +202,11 @@ def test_relu_outputs_are_uint8_at_zero_point_0_and_stay_bit_identical(tiny_int,
     assert worst <= 1 and agree >= 0.99  # measured: 0 steps
 
 
-def test_ort_fast_layout_leaves_ort_nothing_but_its_fused_kernels(tiny_int, tmp_path):
-    """``ort-fast``: the head in float, so nothing but ORT's fused kernels; the 8-bit codes are the
+def test_a_float_head_leaves_ort_nothing_but_its_fused_kernels(tiny_int, tmp_path):
+    """A float head (``QdqLayout(head="float")``, ORT's own quantizer's shape): so nothing but ORT's fused kernels; the 8-bit codes are the
     reference's, the float logits within that layer's float32 rounding of the reference's."""
     gm = tiny_int[0].gm
-    info = export_onnx(gm, str(tmp_path / "fast.onnx"), "ort-fast")
+    info = export_onnx(gm, str(tmp_path / "fast.onnx"), QdqLayout("float-head", head="float"))
     assert not info.output_integer
     runner, ops = _optimized(info, tmp_path)
     leftovers = set(ops) - {"QLinearConv", "QLinearAdd", "QuantizeLinear", "DequantizeLinear", "Conv", "FusedConv",
