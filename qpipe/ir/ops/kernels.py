@@ -87,7 +87,12 @@ F32_BITS = 24  # float32 significand
 def to_f32_grid(v: Tensor) -> tuple[Tensor, Tensor]:
     """``fl32(v)`` of int64 ``v`` as ``(mantissa, exponent)`` with ``fl32(v) = mantissa * 2**exponent``:
     ``v`` rounded half to even to 24 significant bits, as a float32 conversion rounds it."""
-    sh = (bit_length(v.abs()) - F32_BITS).clamp_min(0)
+    a = v.abs()
+    if a.numel() and int(a.max()) < (1 << 53):  # the bit count read off float64's exponent: exact below 2**53
+        bits = torch.frexp(a.to(torch.float64))[1].to(torch.int64)
+    else:
+        bits = bit_length(a)
+    sh = (bits - F32_BITS).clamp_min(0)
     return shift_half_even(v, sh), sh
 
 
