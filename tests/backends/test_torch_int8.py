@@ -3,6 +3,11 @@
 Random layers (hypothesis over shapes, groups, strides, dilations, padding, bit
 widths and requant pairs) against the reference ops, with and without the C++
 kernels; a whole tiny model through the target's folder; the QuartzNets (slow).
+
+Inputs are int8 codes over the full signed range [-128, 127] or uint8 codes
+[0, 255] (a ReLU's output); clamps are [-128, 127], [0, 127] (int8 out) or
+[0, 255] (uint8 out), and 16-bit ones; the output dtype is the reference's
+(``dtype_for_range``).
 """
 from __future__ import annotations
 
@@ -20,10 +25,14 @@ from qpipe.backends._torch_int8 import cpu, cpu_ext
 from qpipe.backends._torch_int8.cuda import CudaConv1d, CudaLinear, CudaRequant, triton_available
 from qpipe.backends.torch_int8 import MODEL_FILE, check_device, program_from_graph
 from qpipe.ir.errors import QpipeError
+from qpipe.ir.ops.kernels import dtype_for_range
 
 EXT = cpu_ext.get()
 EXTS = [pytest.param(EXT, id="c++"), pytest.param(None, id="torch")] if EXT is not None else [pytest.param(None, id="torch")]
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+CLAMPS = {8: [(-128, 127), (0, 255), (0, 127), (-127, 127)], 16: [(-32768, 32767), (0, 32767)]}
 
 
 def _rq_args(draw, c: int):
@@ -31,10 +40,29 @@ def _rq_args(draw, c: int):
     n = c if per_channel else 1
     m = torch.tensor(draw(st.lists(st.integers(1, 2**31 - 1), min_size=n, max_size=n)), dtype=torch.int64)
     s = torch.tensor(draw(st.lists(st.integers(0, 45), min_size=n, max_size=n)), dtype=torch.int64)
-    bits = draw(st.sampled_from([8, 16]))
-    hi = (1 << (bits - 1)) - 1
-    lo = draw(st.sampled_from([-hi, 0]))
+    bits = draw(st.sampled_from([8, 8, 16]))
+    lo, hi = draw(st.sampled_from(CLAMPS[bits]))
     return dict(m=m, s=s, lo=lo, hi=hi, bits=bits)
+
+
+def _codes(draw, shape, g: torch.Generator) -> torch.Tensor:
+    """8-bit activations as the program sees them: int8 [-128, 127] (extremes likely) or uint8 [0, 255]."""
+    kind = draw(st.sampled_from(["int8", "uint8", "int8-extremes", "uint8-extremes"]))
+    if kind.startswith("uint8"):
+        x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        ends = (0, 255)
+    else:
+        x = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        ends = (-128, 127)
+    if kind.endswith("extremes"):  # the codes that overflow a wrong bound or a wrong sign
+        pick = torch.randint(0, 3, shape, generator=g)
+        x = torch.where(pick == 0, torch.full_like(x, ends[0]), torch.where(pick == 1, torch.full_like(x, ends[1]), x))
+    return x
+
+
+def _x_unsigned(draw, x: torch.Tensor) -> bool:
+    """What the plan would tell the kernel: the input's sign, or (a kernel built without it) False."""
+    return x.dtype == torch.uint8 and draw(st.booleans())
 
 
 @st.composite
@@ -58,11 +86,14 @@ def conv1d_layers(draw):
     g_ = torch.Generator().manual_seed(seed)
     w = torch.randint(-127, 128, (co, ci // groups, k), generator=g_, dtype=torch.int8)
     bias = torch.randint(-(2**20), 2**20, (co,), generator=g_, dtype=torch.int32) if draw(st.booleans()) else None
-    x = torch.randint(-127 if draw(st.booleans()) else -128, 128, (b, ci, t), generator=g_, dtype=torch.int8)
+    x = _codes(draw, (b, ci, t), g_)
     layout = draw(st.sampled_from(["cf", "cl"]))
     if layout == "cl":  # the program's own storage: (B, T, C) viewed as (B, C, T)
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    if draw(st.booleans()):  # weights at the extremes of their symmetric range
+        w = torch.where(torch.rand(w.shape, generator=g_) < 0.5, torch.full_like(w, 127), torch.full_like(w, -127))
     args = dict(w=w, bias=bias, stride=[stride], padding=[pad], dilation=[dil], groups=groups, **_rq_args(draw, co))
+    args["x_unsigned"] = _x_unsigned(draw, x)
     return x, args
 
 
@@ -76,10 +107,63 @@ def _reference(op, x, a):
 def test_conv1d_rq_is_bit_exact_with_the_reference(ext, layer):
     x, a = layer
     want = _reference(torch.ops.qpipe.conv1d_rq, x, a)
-    k = cpu.Conv(ext, a, 8, fused=True)
+    assert want.dtype == dtype_for_range(a["bits"], a["lo"], a["hi"])
+    k = cpu.Conv(ext, a, 8, fused=True, x_unsigned=a["x_unsigned"])
     got = k(x)
     assert got.dtype == want.dtype and got.shape == want.shape
-    assert torch.equal(got, want), k.kind
+    assert torch.equal(got, want), (k.kind, x.dtype)
+    if k.can_emit_f32:  # the exact-fp32 hand-over carries the same integers (uint8 ones too)
+        k.emit_f32 = True
+        assert torch.equal(k(x), want.to(torch.float32)), (k.kind, x.dtype)
+
+
+@pytest.mark.parametrize("ext", EXTS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("lo,hi", [(-128, 127), (0, 255), (0, 127)])
+def test_pointwise_and_depthwise_at_the_extreme_codes(ext, dtype, lo, hi):
+    """All inputs at max|x| (128 for int8, 255 for uint8) and weights at +-127: the bound's worst case."""
+    c, t = 64, 24
+    x = torch.full((2, c, t), -128 if dtype == torch.int8 else 255, dtype=dtype)
+    x[:, ::3] = 127 if dtype == torch.int8 else 0
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    for groups, k, pad in ((1, 1, 0), (c, 5, 2), (1, 3, 1)):
+        w = torch.full((c, c // groups, k), 127, dtype=torch.int8)
+        w[1::2] = -127
+        w[:, :, ::2] = -w[:, :, ::2]
+        bias = torch.arange(c, dtype=torch.int32) * 1000 - 30000
+        a = dict(w=w, bias=bias, stride=[1], padding=[pad], dilation=[1], groups=groups,
+                 m=torch.tensor([1 << 20]), s=torch.tensor([30]), lo=lo, hi=hi, bits=8)
+        want = _reference(torch.ops.qpipe.conv1d_rq, x, a)
+        for unsigned in {False, dtype == torch.uint8}:
+            kern = cpu.Conv(ext, a, 8, fused=True, x_unsigned=unsigned)
+            got = kern(x)
+            assert got.dtype == want.dtype and torch.equal(got, want), (kern.kind, groups, unsigned)
+        # the unfused accumulator, and a linear on the same codes
+        acc = torch.ops.qpipe.conv1d_acc(x, w, bias, [1], [pad], [1], groups, 32)
+        assert torch.equal(cpu.Conv(ext, dict(a, acc_bits=32), 8, fused=False)(x), acc), groups
+    w = torch.full((40, c), 127, dtype=torch.int8)
+    w[::2] = -127
+    xl = x.transpose(1, 2)
+    want = torch.ops.qpipe.linear_rq(xl, w, None, torch.tensor([1 << 20]), torch.tensor([28]), lo, hi, 8)
+    got = cpu.Linear(ext, dict(w=w, bias=None, m=torch.tensor([1 << 20]), s=torch.tensor([28]), lo=lo, hi=hi, bits=8), 8,
+                     fused=True, x_unsigned=dtype == torch.uint8)(xl)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_uint8_call_past_the_fp32_bound_takes_float64():
+    """sum|w| * 128 < 2**24 <= sum|w| * 255: fp32 for int8 codes, but a uint8 input must not round."""
+    ci, k = 286, 3
+    w = torch.full((2, ci, k), 127, dtype=torch.int8)  # sum|w| = 286 * 3 * 127 = 108966: * 128 < 2**24 <= * 255
+    a = dict(w=w.contiguous(), bias=None, stride=[1], padding=[1], dilation=[1], groups=1,
+             m=torch.tensor([1]), s=torch.tensor([0]), lo=-32768, hi=32767, bits=16)
+    kern = cpu.Conv(None, a, 8, fused=True)
+    assert kern.kind == "f32-conv-cl" and kern.bound_u8 >= cpu.F32_EXACT > kern.bound
+    x = torch.full((1, ci, 9), 255, dtype=torch.uint8)
+    x[:, :, 4] = 254
+    acc = torch.ops.qpipe.conv1d_acc(x, a["w"], None, [1], [1], [1], 1, 32)
+    assert int(acc.abs().max()) >= cpu.F32_EXACT  # an fp32 sum could round here
+    assert torch.equal(cpu.Conv(None, dict(a, acc_bits=32), 8, fused=False)(x), acc)
+    assert cpu.Conv(None, a, 8, fused=True, x_unsigned=True).kind == "f64-conv"
 
 
 @pytest.mark.parametrize("ext", EXTS)
@@ -106,26 +190,31 @@ def test_conv1d_acc_conv2d_rq_linear_rq_are_bit_exact(ext, data):
     b, ci, co = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12)), data.draw(st.integers(1, 24))
     # linear over the last dim (m > 16 rows, and m <= 16: _int_mm needs padding)
     rows = data.draw(st.integers(1, 40))
-    x = torch.randint(-128, 128, (b, rows, ci), generator=g, dtype=torch.int8)
+    x = _codes(data.draw, (b, rows, ci), g)
     w = torch.randint(-127, 128, (co, ci), generator=g, dtype=torch.int8)
     bias = torch.randint(-1000, 1000, (co,), generator=g, dtype=torch.int32)
     rq = _rq_args(data.draw, co)
     want = torch.ops.qpipe.linear_rq(x, w, bias, rq["m"], rq["s"], rq["lo"], rq["hi"], rq["bits"])
-    assert torch.equal(cpu.Linear(ext, dict(w=w, bias=bias, **rq), 8, fused=True)(x), want)
+    got = cpu.Linear(ext, dict(w=w, bias=bias, **rq), 8, fused=True, x_unsigned=_x_unsigned(data.draw, x))(x)
+    assert got.dtype == want.dtype and torch.equal(got, want), x.dtype
+    # linear accumulator (unfused), no bias
+    want = torch.ops.qpipe.linear_acc(x, w, None, 32)
+    assert torch.equal(cpu.Linear(ext, dict(w=w, bias=None, acc_bits=32), 8, fused=False)(x), want), x.dtype
     # conv1d accumulator (unfused)
     k = data.draw(st.integers(1, 5))
-    x1 = torch.randint(-128, 128, (b, ci, 20), generator=g, dtype=torch.int8)
+    x1 = _codes(data.draw, (b, ci, 20), g)
     w1 = torch.randint(-127, 128, (co, ci, k), generator=g, dtype=torch.int8)
     a1 = dict(w=w1, bias=bias, stride=[1], padding=[k // 2], dilation=[1], groups=1, acc_bits=32)
     want = torch.ops.qpipe.conv1d_acc(x1, w1, bias, [1], [k // 2], [1], 1, 32)
-    assert torch.equal(cpu.Conv(ext, a1, 8, fused=False)(x1), want)
+    assert torch.equal(cpu.Conv(ext, a1, 8, fused=False, x_unsigned=_x_unsigned(data.draw, x1))(x1), want), x1.dtype
     # conv2d (NCHW) with strides
     s2 = [data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))]
-    x2 = torch.randint(-128, 128, (b, ci, 9, 11), generator=g, dtype=torch.int8)
+    x2 = _codes(data.draw, (b, ci, 9, 11), g)
     w2 = torch.randint(-127, 128, (co, ci, 3, 3), generator=g, dtype=torch.int8)
     a2 = dict(w=w2, bias=bias, stride=s2, padding=[1, 1], dilation=[1, 1], groups=1, **rq)
     want = _reference(torch.ops.qpipe.conv2d_rq, x2, a2)
-    assert torch.equal(cpu.Conv(ext, a2, 8, fused=True)(x2), want)
+    got = cpu.Conv(ext, a2, 8, fused=True, x_unsigned=_x_unsigned(data.draw, x2))(x2)
+    assert got.dtype == want.dtype and torch.equal(got, want), x2.dtype
 
 
 @pytest.mark.parametrize("ext", EXTS)
@@ -133,23 +222,26 @@ def test_conv1d_acc_conv2d_rq_linear_rq_are_bit_exact(ext, data):
 @given(data=st.data())
 @example(data=None)
 def test_add_requant_is_bit_exact_including_ties_and_saturation(ext, data):
+    bits = 8
     if data is None:  # ties: (a*ma + b*mb) exactly k + 1/2 after the shift, and saturation both ways
-        a = torch.tensor([[[1, -1, 127, -127, 3]]], dtype=torch.int8)
-        b = torch.tensor([[[0, 0, 127, -127, -3]]], dtype=torch.int8)
-        ma, mb, s, lo, hi = torch.tensor(1 << 29), torch.tensor(1 << 30), torch.tensor(30), -127, 127
+        a = torch.tensor([[[1, -1, 127, -128, 3, -128]]], dtype=torch.int8)
+        b = torch.tensor([[[0, 0, 127, -128, -3, 127]]], dtype=torch.int8)
+        ma, mb, s, lo, hi = torch.tensor(1 << 29), torch.tensor(1 << 30), torch.tensor(30), -128, 127
     else:
         g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
         shape = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 30)))
-        a = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
-        b = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        a = _codes(data.draw, shape, g)  # each side int8 or uint8 (a ReLU output meets a residual)
+        b = _codes(data.draw, shape, g)
         ma, mb = (torch.tensor(data.draw(st.integers(1, 2**31 - 1))) for _ in range(2))
         s = torch.tensor(data.draw(st.integers(0, 40)))
-        lo, hi = data.draw(st.sampled_from([(-127, 127), (0, 127)]))
+        bits = data.draw(st.sampled_from([8, 8, 8, 16]))
+        lo, hi = data.draw(st.sampled_from(CLAMPS[bits]))
         if data.draw(st.booleans()):
             a, b = (v.transpose(1, 2).contiguous().transpose(1, 2) for v in (a, b))
-    want = torch.ops.qpipe.add_requant(a, b, ma, mb, s, lo, hi, 8)
-    k = cpu.AddRequant(ext, dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=8))
-    assert torch.equal(k(a, b), want)
+    want = torch.ops.qpipe.add_requant(a, b, ma, mb, s, lo, hi, bits)
+    k = cpu.AddRequant(ext, dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=bits))
+    got = k(a, b)
+    assert got.dtype == want.dtype and torch.equal(got, want), (a.dtype, b.dtype, lo, hi)
 
 
 @pytest.fixture(scope="module")
@@ -220,20 +312,24 @@ def test_cuda_kernels_integer_logic_on_cpu_tensors(layer):
         pytest.skip("Triton kernels cannot run on CPU tensors without TRITON_INTERPRET=1")
     x, a = layer
     k = CudaConv1d(torch.device("cpu"), a, 8)
-    assert torch.equal(k(x), _reference(torch.ops.qpipe.conv1d_rq, x, a)), k.kind
+    got, want = k(x), _reference(torch.ops.qpipe.conv1d_rq, x, a)
+    assert got.dtype == want.dtype and torch.equal(got, want), (k.kind, x.dtype)
 
 
 def test_cuda_linear_and_requant_logic_on_cpu_tensors():
     if triton_available() and not os.environ.get("TRITON_INTERPRET"):
         pytest.skip("Triton kernels cannot run on CPU tensors without TRITON_INTERPRET=1")
     g = torch.Generator().manual_seed(5)
-    x = torch.randint(-128, 128, (2, 5, 13), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (7, 13), generator=g, dtype=torch.int8)
     bias = torch.randint(-999, 999, (7,), generator=g, dtype=torch.int32)
     m, s = torch.randint(1, 2**31 - 1, (7,), generator=g), torch.randint(0, 40, (7,), generator=g)
-    want = torch.ops.qpipe.linear_rq(x, w, bias, m, s, -127, 127, 8)
-    assert torch.equal(CudaLinear(torch.device("cpu"), dict(w=w, bias=bias, m=m, s=s, lo=-127, hi=127, bits=8), 8)(x), want)
-    assert isinstance(CudaRequant(torch.device("cpu"), 7, None, m, s, 0, 127, 8), CudaRequant)
+    for x in (torch.randint(-128, 128, (2, 5, 13), generator=g, dtype=torch.int8),
+              torch.randint(0, 256, (2, 5, 13), generator=g, dtype=torch.uint8)):
+        for lo, hi in ((-128, 127), (0, 255)):
+            want = torch.ops.qpipe.linear_rq(x, w, bias, m, s, lo, hi, 8)
+            got = CudaLinear(torch.device("cpu"), dict(w=w, bias=bias, m=m, s=s, lo=lo, hi=hi, bits=8), 8)(x)
+            assert got.dtype == want.dtype and torch.equal(got, want), (x.dtype, lo, hi)
+    assert CudaRequant(torch.device("cpu"), 7, None, m, s, 0, 255, 8).dtype == torch.uint8
 
 
 @pytest.mark.slow
@@ -269,18 +365,139 @@ def test_quartznets_are_bit_exact_through_the_folder(model, tmp_path):
 @given(data=st.data())
 @example(data=None)
 def test_input_quantizer_is_bit_exact_including_exact_halves(ext, data):
-    if data is None:  # quotients exactly on a half (the reference's tie-break), saturation, -0.0
+    if data is None:  # quotients exactly on a half (half to even), the saturation ends (-128 too), -0.0, inf
         scale = 0.25
-        x = torch.tensor([[[0.125, -0.125, 0.375, -0.375, 1e9, -1e9, -0.0]]], dtype=torch.float32)
+        x = torch.tensor([[[0.125, -0.125, 0.375, -0.375, 0.625, -0.625, 1e9, -1e9, -0.0, 31.875, -32.0, -32.125,
+                            31.75, float("inf"), float("-inf"), -31.875]]], dtype=torch.float32)
     else:
         g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
         scale = data.draw(st.floats(1e-3, 0.5))
         shape = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 40)))
         x = torch.randn(shape, generator=g) * data.draw(st.floats(0.1, 5.0))
+        if data.draw(st.booleans()):  # exact halves of the float32 scale: x = (k + 1/2) * scale
+            s32 = torch.tensor(scale, dtype=torch.float32)
+            k = torch.randint(-140, 140, shape, generator=g).to(torch.float32)
+            x = torch.where(torch.rand(shape, generator=g) < 0.5, (k + 0.5) * s32, x)
     want = torch.ops.qpipe.quantize(x, scale, 8)
+    assert int(want.min()) >= -128 and int(want.max()) <= 127
     k = cpu.Quantize(ext, dict(scale=scale, bits=8))
     got = k(x)
     assert got.dtype == want.dtype and torch.equal(got, want)
     if k.can_emit_f32:
         k.emit_f32 = True
         assert torch.equal(k(x), want.to(torch.float32))
+
+
+def test_the_reference_quantizer_is_onnx_quantize_linear():
+    """The check behind the C++ quantizer: the reference divides in float32 (no reciprocal) and rounds half to even."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(7)
+    for scale in (0.1, 0.037, 1 / 3, 0.0123456789):
+        x = torch.randn(4096, generator=g) * 40 * scale
+        s32 = np.float32(scale)
+        want = np.clip(np.rint(x.numpy() / s32), -128, 127).astype(np.int8)
+        assert np.array_equal(torch.ops.qpipe.quantize(x, scale, 8).numpy(), want), scale
+
+
+@pytest.mark.parametrize("ext", EXTS)
+def test_a_program_over_uint8_relu_outputs_is_bit_exact(ext):
+    """A plan where ReLU outputs (uint8) feed a pointwise GEMM, a depthwise fp32 conv and a residual add."""
+    from qpipe.backends._torch_int8.plan import FORMAT
+    from qpipe.backends._torch_int8.program import Program
+
+    g = torch.Generator().manual_seed(11)
+    c = 24
+    w_pw = torch.randint(-127, 128, (c, 8, 1), generator=g, dtype=torch.int8)
+    w_dw = torch.randint(-127, 128, (c, 1, 5), generator=g, dtype=torch.int8)
+    w_pw2 = torch.randint(-127, 128, (c, c, 1), generator=g, dtype=torch.int8)
+    bias = torch.randint(-5000, 5000, (c,), generator=g, dtype=torch.int32)
+    m, s = torch.tensor([1 << 20]), torch.tensor([27])
+    conv = lambda w, groups, pad, lo, hi: dict(w={"tensor": w}, bias={"tensor": "b"}, m={"tensor": "m"}, s={"tensor": "s"},
+                                               stride=[1], padding=[pad], dilation=[1], groups=groups, lo=lo, hi=hi, bits=8)
+    steps = [
+        {"out": "q", "fn": "qpipe.quantize", "args": {"x": {"ref": "x"}, "scale": 0.05, "bits": 8}, "dtype": "torch.int8"},
+        {"out": "r1", "fn": "qpipe.conv1d_rq", "args": dict(conv("w_pw", 1, 0, 0, 255), x={"ref": "q"}), "dtype": "torch.uint8"},
+        {"out": "r2", "fn": "qpipe.conv1d_rq", "args": dict(conv("w_dw", c, 2, 0, 255), x={"ref": "r1"}), "dtype": "torch.uint8"},
+        {"out": "r3", "fn": "qpipe.conv1d_rq", "args": dict(conv("w_pw2", 1, 0, -128, 127), x={"ref": "r2"}), "dtype": "torch.int8"},
+        {"out": "y", "fn": "qpipe.add_requant", "args": {"a": {"ref": "r3"}, "b": {"ref": "r1"}, "ma": {"tensor": "ma"},
+                                                         "mb": {"tensor": "mb"}, "s": {"tensor": "sa"}, "lo": 0, "hi": 255, "bits": 8},
+         "dtype": "torch.uint8"},
+    ]
+    tensors = {"w_pw": w_pw, "w_dw": w_dw, "w_pw2": w_pw2, "b": bias, "m": m, "s": s,
+               "ma": torch.tensor(3 << 28), "mb": torch.tensor(5 << 27), "sa": torch.tensor(30)}
+    plan = {"format": FORMAT, "input": "x", "steps": steps, "tensors": tensors, "output": [{"ref": "y"}]}
+    x = torch.randn(2, 8, 50, generator=g) * 3
+    env = {"x": x}
+    for st_ in steps:
+        a = {k: (env[v["ref"]] if isinstance(v, dict) and "ref" in v else tensors[v["tensor"]] if isinstance(v, dict) else v)
+             for k, v in st_["args"].items()}
+        env[st_["out"]] = getattr(torch.ops.qpipe, st_["fn"].split(".")[1])(**a)
+    assert env["r1"].dtype == torch.uint8 and env["y"].dtype == torch.uint8 and int(env["r2"].max()) > 127
+    prog = Program(plan, "cpu", use_ext=ext is not None)
+    got = prog(x)
+    assert got.dtype == torch.uint8 and torch.equal(got, env["y"]), prog.kernels
+
+
+@pytest.mark.parametrize("ext", EXTS)
+@pytest.mark.parametrize("gemm", ["chosen", "qlinear-shifted", "int_mm", "f64"])
+@pytest.mark.parametrize("lo,hi", [(-128, 127), (0, 255)])
+def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi):
+    """A uint8 input on each GEMM: as it is (oneDNN u8 x s8, f64) or shifted to x - 128 with the bias corrected."""
+    g = torch.Generator().manual_seed(13)
+    ci, co = 600, 24  # all-extreme weights: sum|w| * 128 < 2**24 <= sum|w| * 255 in the first channels
+    w = torch.randint(-127, 128, (co, ci), generator=g, dtype=torch.int8)
+    w[:4] = 127
+    w[4:8] = -127
+    bias = torch.randint(-9999, 9999, (co,), generator=g, dtype=torch.int32)
+    m, s = torch.tensor([1 << 22]), torch.tensor([36])
+    x = torch.randint(0, 256, (2, 30, ci), generator=g, dtype=torch.uint8)
+    x[0, :5] = 255
+    x[1, :5] = 0
+    k = cpu.Linear(ext, dict(w=w, bias=bias, m=m, s=s, lo=lo, hi=hi, bits=8), 8, fused=True, x_unsigned=True)
+    if gemm == "chosen" and cpu.qlinear_ok():
+        assert k.kind == "onednn-qlinear" and not k.gemm.takes_u8  # 255 * sum|w| >= 2**24: shifted
+    elif gemm == "qlinear-shifted":
+        if not cpu.qlinear_ok():
+            pytest.skip("no oneDNN int8 matmul on this CPU")
+        k.gemm = cpu.QLinear(w)
+    elif gemm == "int_mm":
+        k.gemm = cpu.IntMM(w)
+    elif gemm == "f64":
+        k.gemm = cpu.F64MM(w)
+    want = torch.ops.qpipe.linear_rq(x, w, bias, m, s, lo, hi, 8)
+    got = k(x)
+    assert got.dtype == want.dtype and torch.equal(got, want), gemm
+    small = w[8:]  # 255 * sum|w| < 2**24: oneDNN takes the uint8 codes as they are
+    k2 = cpu.Conv(ext, dict(w=small.unsqueeze(2), bias=None, stride=[1], padding=[0], dilation=[1], groups=1, m=m, s=s,
+                            lo=lo, hi=hi, bits=8), 8, fused=True, x_unsigned=True)
+    if gemm == "int_mm":
+        k2.gemm = cpu.IntMM(small)
+    xc = x.transpose(1, 2)
+    want = torch.ops.qpipe.conv1d_rq(xc, small.unsqueeze(2), None, m, s, [1], [0], [1], 1, lo, hi, 8)
+    got = k2(xc)
+    assert got.dtype == want.dtype and torch.equal(got, want), (gemm, k2.kind, getattr(k2.gemm, "takes_u8", None))
+
+
+@pytest.mark.skipif(EXT is None, reason="no C++ kernels here")
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("lo,hi", [(-128, 127), (0, 255), (-32768, 32767)])
+def test_cpp_depthwise_kernel_takes_and_writes_uint8(dtype, lo, hi):
+    """``dw_conv1d_rq`` (the C++ depthwise kernel, timed by tools/bench/torch_int8_kernels.py) on int8/uint8 codes."""
+    g = torch.Generator().manual_seed(17)
+    b, c, t, k, pad = 2, 20, 37, 5, 2
+    x = torch.randint(-128, 128, (b, c, t), generator=g, dtype=torch.int8) if dtype == torch.int8 else \
+        torch.randint(0, 256, (b, c, t), generator=g, dtype=torch.uint8)
+    w = torch.randint(-127, 128, (c, 1, k), generator=g, dtype=torch.int8)
+    bias = torch.randint(-5000, 5000, (c,), generator=g, dtype=torch.int32)
+    m = torch.randint(1, 1 << 24, (c,), generator=g)
+    s = torch.randint(10, 30, (c,), generator=g)
+    bits = 16 if hi > 255 else 8
+    want = torch.ops.qpipe.conv1d_rq(x, w, bias, m, s, [1], [pad], [1], c, lo, hi, bits)
+    cp = -(-c // 16) * 16
+    wp = torch.zeros(k, cp)
+    wp[:, :c] = w[:, 0, :].t().float()
+    half = torch.where(s > 0, torch.ones_like(s) << (s - 1).clamp_min(0), torch.zeros_like(s))
+    got = EXT.dw_conv1d_rq(x.transpose(1, 2).contiguous(), wp, bias.to(torch.int64), m, half, s, 1, pad, 1, lo, hi,
+                           cpu.out_code(want.dtype))
+    assert got.dtype == want.dtype and torch.equal(got.transpose(1, 2), want)

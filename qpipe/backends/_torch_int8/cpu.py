@@ -5,16 +5,25 @@ channels-last: every kernel here returns the channels-first view of a
 channels-last tensor, so a chain of convolutions never transposes and the graph's
 own layout ops (the head's ``transpose``) run unchanged on the views.
 
+Activations are int8 codes [-128, 127] or, where the reference clamps an output to
+``lo >= 0, hi > 127`` (a ReLU's), uint8 codes [0, 255] (``dtype_for_range``); every
+kernel here takes either and writes the dtype the reference writes.
+
 Why each kernel is exact:
 
 * pointwise convolutions and linears: oneDNN's int8 matmul (``onednn.qlinear_pointwise``,
   AMX/VNNI brgemm; int32 accumulation, fp32 output with unit scales) is exact when
   every accumulator is below 2**24 in magnitude (``bound``, proven per layer from the
   weights and the input's bit width); ``torch._int_mm`` (int32 out) when below 2**31;
-  float64 otherwise.
+  float64 otherwise. A uint8 input goes to oneDNN as it is (u8 x s8, its native VNNI
+  form) where ``255 * sum_k |w[c, k]| < 2**24``; otherwise (and for ``torch._int_mm``,
+  int8 x int8 only) it goes in as the int8 ``x - 128`` (one XOR with 0x80) and
+  ``128 * sum_k w[c, k]`` is added to channel ``c``'s int64 bias, an exact integer
+  identity, which bounds the accumulators by ``128 * sum_k |w[c, k]|`` as for int8.
 * every other convolution (depthwise above all): fp32 ``conv2d`` on channels-last
   input, which runs oneDNN's direct kernels; with ``bound < 2**24`` every product
-  and partial sum is an exact fp32 integer in any summation order. fp32 precision is
+  and partial sum is an exact fp32 integer in any summation order (``max|x|`` is 128
+  for int8, 255 for uint8). fp32 precision is
   forced to IEEE for the call (``mkldnn.conv.fp32_precision``), so a user's bf16/tf32
   setting cannot round it.
 * requantization: ``requant_cols`` in C++ (int64 multiply, round half up, arithmetic
@@ -29,10 +38,27 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
+from qpipe.backends._torch_int8.f32 import f32_multipliers, requant_f32
+from qpipe.ir.ops.kernels import dtype_for_bits, dtype_for_range, requant_reference, round_shift
 
 F32_EXACT = 1 << 24
 I32_EXACT = 1 << 31
+U8_SHIFT = 128  # uint8 x -> int8 x - 128 for the int8 x int8 GEMMs
+
+
+def out_code(dtype: torch.dtype) -> int:
+    """The C++ kernels' output selector: 0 float32 (exact integers), 8 int8, -8 uint8, 16 int16."""
+    return {torch.float32: 0, torch.int8: 8, torch.uint8: -8, torch.int16: 16}[dtype]
+
+
+def to_signed(x: Tensor) -> Tensor:
+    """uint8 codes ``x`` as the int8 ``x - 128`` (flip the top bit; same bytes otherwise)."""
+    return torch.bitwise_xor(x, U8_SHIFT).view(torch.int8)
+
+
+def shift_correction(w2: Tensor) -> Tensor:
+    """``128 * sum_k w[c, k]`` (int64, per output channel c): what ``w @ (x - 128)`` lacks of ``w @ x``."""
+    return w2.to(torch.int64).reshape(w2.shape[0], -1).sum(1) * U8_SHIFT
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -76,6 +102,27 @@ def qlinear_ok() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def qlinear_u8_ok() -> bool:
+    """oneDNN's int8 matmul on uint8 activations (u8 x s8, zero point 0), exact on a probe of extreme codes."""
+    if not qlinear_ok():
+        return False
+    try:
+        g = torch.Generator().manual_seed(1)
+        k, n = 256, 64
+        x = torch.randint(0, 256, (64, k), generator=g, dtype=torch.uint8)
+        x[:8] = 255
+        x[8:16] = 0
+        x[16:24, ::2] = 255
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        w[:8] = 127
+        w[8:16] = -127
+        got = QLinear(w)(x)
+        return got.dtype == torch.float32 and bool(torch.equal(got.double(), x.double() @ w.double().t()))
+    except Exception:  # noqa: BLE001  (any failure: shift to int8 instead)
+        return False
+
+
 @contextlib.contextmanager
 def ieee_fp32():
     """fp32 convolutions in IEEE single precision for the duration (no bf16/tf32 shortcuts)."""
@@ -97,6 +144,9 @@ def ieee_fp32():
 class QLinear:
     """``x (M, K) int8 @ w.T`` with w (N, K) int8 -> fp32 (M, N) of exact integers (bound < 2**24)."""
 
+    int8_only = True
+    takes_u8 = False
+
     def __init__(self, w: Tensor):
         self.n, self.k = w.shape
         self.packed = torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
@@ -111,6 +161,9 @@ class QLinear:
 
 class IntMM:
     """``torch._int_mm`` (int32 out, exact below 2**31): m > 16 and k, n multiples of 8, padded here."""
+
+    int8_only = True
+    takes_u8 = False
 
     def __init__(self, w: Tensor):
         self.n, self.k = w.shape
@@ -131,7 +184,10 @@ class IntMM:
 
 
 class F64MM:
-    """float64 matmul: exact below 2**53 (the reference's own fallback)."""
+    """float64 matmul: exact below 2**53 (the reference's own fallback); any integer input."""
+
+    int8_only = False
+    takes_u8 = True
 
     def __init__(self, w: Tensor):
         self.wt = w.to(torch.float64).t().contiguous()
@@ -141,80 +197,130 @@ class F64MM:
 
 
 def make_gemm(w: Tensor, bound: int):
+    """The fastest exact GEMM for accumulators below ``bound`` (of an int8 input, or a uint8 one shifted).
+
+    ``gemm.takes_u8``: it may also take uint8 codes as they are (oneDNN's native u8 x s8),
+    proven exact for this weight (``sum|w| * 255 < 2**24``); else a uint8 input is shifted.
+    """
     if bound < F32_EXACT and qlinear_ok():
-        return QLinear(w), "onednn-qlinear"
+        g = QLinear(w)
+        g.takes_u8 = weight_bound(w, 8, True) < F32_EXACT and qlinear_u8_ok()
+        return g, "onednn-qlinear"
     if bound < I32_EXACT:
         return IntMM(w), "int_mm"
     return F64MM(w), "f64-matmul"
 
 
+def gemm_input(gemm: Any, rows: Tensor) -> tuple[Tensor, bool]:
+    """(what the GEMM takes, whether a uint8 input was shifted to int8 ``x - 128``)."""
+    if rows.dtype == torch.uint8 and gemm.int8_only and not gemm.takes_u8:
+        return to_signed(rows), True
+    return rows, False
+
+
 # --------------------------------------------------------------------------- requantization
 
 
-class Requant:
-    """Per-column ``clamp(((acc + bias) * m + 2**(s-1)) >> s, lo, hi)`` of an (N, C) accumulator."""
+def _biases(channels: int, bias: Optional[Tensor], corr: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(bias, bias + the uint8 shift correction), int64 (C) each; an empty bias stands for none."""
+    b = bias.to(torch.int64).reshape(-1).expand(channels).contiguous() if bias is not None else None
+    plain = b if b is not None else torch.empty(0, dtype=torch.int64)
+    if corr is None:
+        return plain, plain
+    return plain, (corr if b is None else b + corr).contiguous()
 
-    def __init__(self, ext: Any, channels: int, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int):
+
+class Requant:
+    """Per-column ``clamp(((acc + bias) * m + 2**(s-1)) >> s, lo, hi)`` of an (N, C) accumulator.
+
+    ``corr``: the per-column ``128 * sum_k w`` that a GEMM of a shifted uint8 input lacks;
+    ``__call__(acc, shifted=True)`` adds it to the bias.
+    """
+
+    def __init__(self, ext: Any, channels: int, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int,
+                 corr: Optional[Tensor] = None, f32: bool = False):
         self.c = channels
+        self.mult = f32_multipliers(m, s, channels) if f32 else None  # f32=True: float32 arithmetic (f32.py)
         self.m = m.to(torch.int64).reshape(-1).expand(channels).contiguous()
         self.s = s.to(torch.int64).reshape(-1).expand(channels).contiguous()
         self.half = torch.where(self.s > 0, torch.ones_like(self.s) << (self.s - 1).clamp_min(0), torch.zeros_like(self.s))
-        self.bias = bias.to(torch.int64).reshape(-1).contiguous() if bias is not None else torch.empty(0, dtype=torch.int64)
+        self.bias, self.bias_shifted = _biases(channels, bias, corr)
         self.lo, self.hi, self.bits = int(lo), int(hi), int(bits)
-        self.ext = ext if (ext is not None and bool(((self.s >= 0) & (self.s <= 63)).all())) else None
-        self.dtype = dtype_for_bits(self.bits)
+        self.dtype = dtype_for_range(self.bits, self.lo, self.hi)
+        ok = bool(((self.s >= 0) & (self.s <= 63)).all()) and self.dtype in (torch.int8, torch.uint8, torch.int16)
+        self.ext = ext if (ext is not None and ok) else None
         self.emit_f32 = False  # set by the program when every consumer convolves in exact fp32
 
-    def __call__(self, acc: Tensor) -> Tensor:
-        if self.ext is not None and acc.dtype in (torch.float32, torch.int32) and self.bits <= 16:
-            bits = 0 if self.emit_f32 else self.bits
-            return self.ext.requant_cols(acc.contiguous(), self.bias, self.m, self.half, self.s, self.lo, self.hi, bits)
+    def __call__(self, acc: Tensor, shifted: bool = False) -> Tensor:
+        bias = self.bias_shifted if shifted else self.bias
+        if self.mult is not None:
+            codes = requant_f32(acc, bias, self.mult, self.lo, self.hi)
+            return codes if self.emit_f32 else codes.to(self.dtype)
+        if self.ext is not None and acc.dtype in (torch.float32, torch.int32):
+            code = 0 if self.emit_f32 else out_code(self.dtype)
+            return self.ext.requant_cols(acc.contiguous(), bias, self.m, self.half, self.s, self.lo, self.hi, code)
         acc = acc.to(torch.int64)
-        if self.bias.numel():
-            acc = acc + self.bias
+        if bias.numel():
+            acc = acc + bias
         return requant_reference(acc, self.m, self.s, acc.dim() - 1, self.lo, self.hi).to(self.dtype)
 
 
 class Widen:
     """An accumulator op's output: ``(acc + bias)`` cast to its ``acc_bits`` dtype (as the reference casts)."""
 
-    def __init__(self, bias: Optional[Tensor], bits: int):
-        self.bias = bias.to(torch.int64).reshape(-1) if bias is not None else None
+    def __init__(self, channels: int, bias: Optional[Tensor], bits: int, corr: Optional[Tensor] = None):
+        self.bias, self.bias_shifted = _biases(channels, bias, corr)
         self.dtype = dtype_for_bits(int(bits))
 
-    def __call__(self, acc: Tensor) -> Tensor:
+    def __call__(self, acc: Tensor, shifted: bool = False) -> Tensor:
+        bias = self.bias_shifted if shifted else self.bias
         acc = acc.to(torch.int64)
-        if self.bias is not None:
-            acc = acc + self.bias
+        if bias.numel():
+            acc = acc + bias
         return acc.to(self.dtype)
 
 
 # --------------------------------------------------------------------------- layers
 
 
-def weight_bound(w: Tensor, x_bits: int) -> int:
+def max_abs(x_bits: int, unsigned: bool = False) -> int:
+    """The largest |code| of an input: 2**(bits-1) signed (int8: 128), 2**bits - 1 unsigned (uint8: 255)."""
+    return (1 << x_bits) - 1 if unsigned else 1 << (x_bits - 1)
+
+
+def weight_bound(w: Tensor, x_bits: int, unsigned: bool = False) -> int:
     """max over output channels of sum |w| times max|x|: no accumulator can exceed it."""
     per = w.to(torch.int64).abs().reshape(w.shape[0], -1).sum(1)
-    return int(per.max()) * (1 << (x_bits - 1)) if per.numel() else 0
+    return int(per.max()) * max_abs(x_bits, unsigned) if per.numel() else 0
 
 
 class Conv:
-    """conv1d/conv2d ``_rq`` (requantized) or ``_acc`` (accumulator) on channels-last storage."""
+    """conv1d/conv2d ``_rq`` (requantized) or ``_acc`` (accumulator) on channels-last storage.
 
-    def __init__(self, ext: Any, a: dict[str, Any], x_bits: int, fused: bool):
+    ``x_unsigned``: the plan says the input is uint8 (it sets the fp32 bound); the kernel
+    still checks each call's dtype, and takes either exactly.
+    """
+
+    def __init__(self, ext: Any, a: dict[str, Any], x_bits: int, fused: bool, x_unsigned: bool = False):
         w = a["w"]
         self.dims = w.dim() - 2
         self.co = w.shape[0]
         self.stride, self.padding = list(a["stride"]), list(a["padding"])
         self.dilation, self.groups = list(a["dilation"]), int(a["groups"])
         bias = a.get("bias")
-        self.bound = weight_bound(w, x_bits)
+        self.x_unsigned = bool(x_unsigned) and x_bits <= 8
+        self.bound = weight_bound(w, x_bits, self.x_unsigned)
+        # a uint8 input on an fp32 convolution: sum|w| * 255 (what a call with a uint8 tensor must stay below)
+        self.bound_u8 = weight_bound(w, 8, True)
         pointwise = (
             self.dims == 1 and w.shape[2] == 1 and self.groups == 1 and self.stride == [1] and self.padding == [0]
             and x_bits <= 8
         )
+        corr = None
         if pointwise:
-            self.gemm, self.kind = make_gemm(w[:, :, 0], self.bound)
+            # a uint8 input is shifted to int8 first: the GEMM's bound is the signed one
+            self.gemm, self.kind = make_gemm(w[:, :, 0], weight_bound(w, 8))
+            corr = shift_correction(w[:, :, 0]) if self.gemm.int8_only else None
         elif self.bound < F32_EXACT:
             self.kind = "f32-conv-cl"
             w4 = w.to(torch.float32)
@@ -224,13 +330,16 @@ class Conv:
             self.st = [1, *self.stride] if self.dims == 1 else self.stride
             self.pd = [0, *self.padding] if self.dims == 1 else self.padding
             self.dl = [1, *self.dilation] if self.dims == 1 else self.dilation
+            if self.bound_u8 >= F32_EXACT:  # a uint8 call would not be exact in fp32: float64 then
+                self.w64 = w.to(torch.float64)
         else:
             self.kind = "f64-conv"
             self.w64 = w.to(torch.float64)
         if fused:
-            self.post = Requant(ext, self.co, bias, a["m"], a["s"], a["lo"], a["hi"], a["bits"])
+            self.post = Requant(ext, self.co, bias, a["m"], a["s"], a["lo"], a["hi"], a["bits"], corr,
+                                f32=bool(a.get("f32", False)))
         else:
-            self.post = Widen(bias, a["acc_bits"])
+            self.post = Widen(self.co, bias, a["acc_bits"], corr)
         # exact fp32 integers may travel between layers (no int8 -> fp32 copy before a convolution)
         self.takes_f32 = self.kind == "f32-conv-cl" and self.dims == 1
         self.can_emit_f32 = fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None
@@ -244,7 +353,7 @@ class Conv:
         self.post.emit_f32 = bool(on) and self.can_emit_f32
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.kind == "f64-conv":
+        if self.kind == "f64-conv" or (self.kind == "f32-conv-cl" and x.dtype == torch.uint8 and self.bound_u8 >= F32_EXACT):
             fn = torch.nn.functional.conv1d if self.dims == 1 else torch.nn.functional.conv2d
             acc = fn(x.to(torch.float64), self.w64, None, self.stride, self.padding, self.dilation, self.groups)
             nd = acc.dim()
@@ -256,7 +365,8 @@ class Conv:
             if self.kind != "f32-conv-cl":
                 xt = x.transpose(1, 2)
                 xt = xt if xt.is_contiguous() else xt.contiguous()
-                out = self.post(self.gemm(xt.reshape(b * t, c)))
+                rows, shifted = gemm_input(self.gemm, xt.reshape(b * t, c))
+                out = self.post(self.gemm(rows), shifted)
                 return out.view(b, t, self.co).transpose(1, 2)
             xf = x.transpose(1, 2)
             if xf.dtype != torch.float32 or not xf.is_contiguous():
@@ -275,21 +385,28 @@ class Conv:
 class Linear:
     """linear ``_rq`` / ``_acc`` over the last dimension."""
 
-    def __init__(self, ext: Any, a: dict[str, Any], x_bits: int, fused: bool):
+    def __init__(self, ext: Any, a: dict[str, Any], x_bits: int, fused: bool, x_unsigned: bool = False):
         w = a["w"]
         self.n = w.shape[0]
-        self.gemm, self.kind = make_gemm(w, weight_bound(w, x_bits)) if x_bits <= 8 else (F64MM(w), "f64-matmul")
+        # an 8-bit input (a uint8 one shifted to int8 first) is bounded by sum|w| * 128
+        self.gemm, self.kind = make_gemm(w, weight_bound(w, 8)) if x_bits <= 8 else (F64MM(w), "f64-matmul")
+        corr = shift_correction(w) if self.gemm.int8_only else None
         bias = a.get("bias")
-        self.post = Requant(ext, self.n, bias, a["m"], a["s"], a["lo"], a["hi"], a["bits"]) if fused else Widen(bias, a["acc_bits"])
+        if fused:
+            self.post = Requant(ext, self.n, bias, a["m"], a["s"], a["lo"], a["hi"], a["bits"], corr,
+                                f32=bool(a.get("f32", False)))
+        else:
+            self.post = Widen(self.n, bias, a["acc_bits"], corr)
 
     def __call__(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        out = self.post(self.gemm(x.reshape(-1, x.shape[-1]).contiguous()))
+        rows, shifted = gemm_input(self.gemm, x.reshape(-1, x.shape[-1]).contiguous())
+        out = self.post(self.gemm(rows), shifted)
         return out.view(*lead, self.n)
 
 
 class Quantize:
-    """The input quantizer in C++ (qpipe's float64 steps), written channels-last; the reference decides ties."""
+    """The input quantizer in C++ (float32 quotient, half to even, as the reference), written channels-last."""
 
     def __init__(self, ext: Any, a: dict[str, Any]):
         self.scale, self.bits = float(a["scale"]), int(a["bits"])
@@ -301,7 +418,7 @@ class Quantize:
         if self.ext is None or x.dim() != 3 or x.dtype != torch.float32:
             return torch.ops.qpipe.quantize(x, self.scale, self.bits)
         q, undecided = self.ext.quantize_cl(x, self.scale, (1 << (self.bits - 1)) - 1, self.emit_f32)
-        if undecided:  # a quotient exactly on a half (or NaN/inf): the reference's exact tie-break
+        if undecided:  # a NaN input: whatever integer the reference's cast makes of it
             ref = torch.ops.qpipe.quantize(x, self.scale, self.bits).transpose(1, 2)
             q = ref.to(torch.float32 if self.emit_f32 else ref.dtype).contiguous()
         return q.transpose(1, 2)
@@ -313,16 +430,20 @@ class AddRequant:
     def __init__(self, ext: Any, a: dict[str, Any]):
         self.ma, self.mb, self.s = a["ma"], a["mb"], a["s"]
         self.lo, self.hi, self.bits = int(a["lo"]), int(a["hi"]), int(a["bits"])
+        self.dtype = dtype_for_range(self.bits, self.lo, self.hi)
         scalar = all(t.numel() == 1 for t in (self.ma, self.mb, self.s))
-        self.ext = ext if scalar and 0 <= int(self.s.reshape(-1)[0]) <= 63 and self.bits <= 16 else None
+        ok = scalar and 0 <= int(self.s.reshape(-1)[0]) <= 63 and self.dtype in (torch.int8, torch.uint8, torch.int16)
+        self.ext = ext if ok else None
         if self.ext is not None:
             self.args = (int(self.ma.reshape(-1)[0]), int(self.mb.reshape(-1)[0]), int(self.s.reshape(-1)[0]))
 
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
-        if self.ext is not None and a.dtype == torch.int8 and b.dtype == torch.int8 and a.shape == b.shape:
+        eight = (torch.int8, torch.uint8)
+        if self.ext is not None and a.dtype in eight and b.dtype in eight and a.shape == b.shape:
+            code = out_code(self.dtype)
             if a.dim() == 3 and a.transpose(1, 2).is_contiguous() and b.transpose(1, 2).is_contiguous():
-                return self.ext.add_rq(a.transpose(1, 2), b.transpose(1, 2), *self.args, self.lo, self.hi, self.bits).transpose(1, 2)
+                return self.ext.add_rq(a.transpose(1, 2), b.transpose(1, 2), *self.args, self.lo, self.hi, code).transpose(1, 2)
             if a.is_contiguous() and b.is_contiguous():
-                return self.ext.add_rq(a, b, *self.args, self.lo, self.hi, self.bits)
+                return self.ext.add_rq(a, b, *self.args, self.lo, self.hi, code)
         v = a.to(torch.int64) * self.ma.to(torch.int64) + b.to(torch.int64) * self.mb.to(torch.int64)
-        return round_shift(v, self.s).clamp(self.lo, self.hi).to(dtype_for_bits(self.bits))
+        return round_shift(v, self.s).clamp(self.lo, self.hi).to(self.dtype)

@@ -1,11 +1,17 @@
 // qpipe torch-int8 CPU kernels: depthwise conv1d and requantization on
-// channels-last int8 activations, bit-exact with the qpipe:: reference kernels.
+// channels-last 8-bit activations, bit-exact with the qpipe:: reference kernels.
 //
-// Exactness: the depthwise accumulator is an fp32 sum of int8 x int8 products;
-// the Python side only calls it when sum_k |w[k,c]| * max|x| < 2**24, so every
-// partial sum is an exact integer in any order. Requantization is
-// clamp(((acc + bias) * m + 2**(s-1)) >> s, lo, hi) in 64-bit integers with
-// two's-complement wrap-around (what torch's int64 ops do), arithmetic shift.
+// Activations are int8 codes [-128, 127] or, for an output the reference clamps
+// to lo >= 0, hi > 127 (a ReLU's, ``dtype_for_range``), uint8 codes [0, 255].
+// Outputs: ``out_code`` 0 = the integers as float32, 8 = int8, 16 = int16,
+// -8 = uint8 (what ``dtype_for_range`` gives for the clamp).
+//
+// Exactness: the depthwise accumulator is an fp32 sum of 8-bit x int8 products;
+// the Python side only calls it when sum_k |w[k,c]| * max|x| < 2**24 (max|x| is
+// 128 for int8, 255 for uint8), so every partial sum is an exact integer in any
+// order. Requantization is clamp(((acc + bias) * m + 2**(s-1)) >> s, lo, hi) in
+// 64-bit integers with two's-complement wrap-around (what torch's int64 ops do),
+// arithmetic shift.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
@@ -13,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -55,15 +62,39 @@ void requant_row(const float* __restrict acc, OutT* __restrict out, const int64_
   }
 }
 
+template <typename InT>
+void pad_to_f32(const InT* xd, float* xpd, int64_t B, int64_t T, int64_t C, int64_t Tp, int64_t Cp, int64_t pad) {
+  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t b = i / T, t = i % T;
+      const InT* src = xd + i * C;
+      float* dst = xpd + (b * Tp + t + pad) * Cp;
+      for (int64_t c = 0; c < C; ++c) dst[c] = (float)src[c];
+    }
+  });
+}
+
+inline c10::ScalarType out_dtype(int64_t out_code) {
+  switch (out_code) {
+    case 0: return torch::kFloat32;
+    case 8: return torch::kInt8;
+    case -8: return torch::kUInt8;
+    case 16: return torch::kInt16;
+  }
+  TORCH_CHECK(false, "out_code must be 0 (float32), 8 (int8), -8 (uint8) or 16 (int16), got ", out_code);
+}
+
 }  // namespace
 
-// x: int8 (B, T, C) contiguous; w: fp32 (K, Cp) with Cp = C rounded up to CB (zeros beyond C);
-// bias: int64 (C) or empty; m, half, s: int64 (C). Returns int8 or int16 (B, Tout, C).
+// x: int8 or uint8 (B, T, C) contiguous; w: fp32 (K, Cp) with Cp = C rounded up to CB (zeros beyond C);
+// bias: int64 (C) or empty; m, half, s: int64 (C). Returns int8, uint8 or int16 (out_code 8, -8, 16) (B, Tout, C).
 torch::Tensor dw_conv1d_rq(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor m,
                            torch::Tensor half, torch::Tensor s, int64_t stride, int64_t pad, int64_t dil,
-                           int64_t lo, int64_t hi, int64_t out_bits) {
-  TORCH_CHECK(x.dtype() == torch::kInt8 && x.dim() == 3 && x.is_contiguous(), "dw_conv1d_rq: x must be contiguous int8 (B,T,C)");
+                           int64_t lo, int64_t hi, int64_t out_code) {
+  TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 3 && x.is_contiguous(),
+              "dw_conv1d_rq: x must be contiguous int8/uint8 (B,T,C)");
   TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.is_contiguous(), "dw_conv1d_rq: w must be fp32 (K,Cp)");
+  TORCH_CHECK(out_code != 0, "dw_conv1d_rq: integer output only");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   const int64_t K = w.size(0), Cp = w.size(1);
   TORCH_CHECK(Cp % CB == 0 && Cp >= C, "dw_conv1d_rq: weight channels not padded");
@@ -73,17 +104,10 @@ torch::Tensor dw_conv1d_rq(torch::Tensor x, torch::Tensor w, torch::Tensor bias,
   // padded fp32 input big enough for whole blocks: rows [0, Tp)
   const int64_t Tp = std::max<int64_t>(T + 2 * pad, ((nblk * TB - 1) * stride) + (K - 1) * dil + 1);
   auto xp = torch::zeros({B, Tp, Cp}, x.options().dtype(torch::kFloat32));
-  const int8_t* xd = x.data_ptr<int8_t>();
   float* xpd = xp.data_ptr<float>();
-  at::parallel_for(0, B * T, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t b = i / T, t = i % T;
-      const int8_t* src = xd + i * C;
-      float* dst = xpd + (b * Tp + t + pad) * Cp;
-      for (int64_t c = 0; c < C; ++c) dst[c] = (float)src[c];
-    }
-  });
-  auto out = torch::empty({B, Tout, C}, x.options().dtype(out_bits <= 8 ? torch::kInt8 : torch::kInt16));
+  if (x.dtype() == torch::kUInt8) pad_to_f32<uint8_t>(x.data_ptr<uint8_t>(), xpd, B, T, C, Tp, Cp, pad);
+  else pad_to_f32<int8_t>(x.data_ptr<int8_t>(), xpd, B, T, C, Tp, Cp, pad);
+  auto out = torch::empty({B, Tout, C}, x.options().dtype(out_dtype(out_code)));
   const float* wd = w.data_ptr<float>();
   const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
   const int64_t* md = m.data_ptr<int64_t>();
@@ -101,10 +125,13 @@ torch::Tensor dw_conv1d_rq(torch::Tensor x, torch::Tensor w, torch::Tensor bias,
         dw_block(xb + c0, wd + c0, Cp, K, stride, dil, t0, acc);
         for (int64_t tt = 0; tt < nt; ++tt) {
           const int64_t o = (b * Tout + t0 + tt) * C + c0;
-          if (out_bits <= 8)
-            requant_row<int8_t>(acc[tt], out.data_ptr<int8_t>() + o, bd ? bd + c0 : nullptr, md + c0, hd + c0, sd + c0, nc, lo, hi);
+          const int64_t* bb = bd ? bd + c0 : nullptr;
+          if (out_code == 8)
+            requant_row<int8_t>(acc[tt], out.data_ptr<int8_t>() + o, bb, md + c0, hd + c0, sd + c0, nc, lo, hi);
+          else if (out_code == -8)
+            requant_row<uint8_t>(acc[tt], out.data_ptr<uint8_t>() + o, bb, md + c0, hd + c0, sd + c0, nc, lo, hi);
           else
-            requant_row<int16_t>(acc[tt], out.data_ptr<int16_t>() + o, bd ? bd + c0 : nullptr, md + c0, hd + c0, sd + c0, nc, lo, hi);
+            requant_row<int16_t>(acc[tt], out.data_ptr<int16_t>() + o, bb, md + c0, hd + c0, sd + c0, nc, lo, hi);
         }
       }
     }
@@ -134,13 +161,13 @@ void rq_rows(const AccT* a, OutT* o, const int64_t* bd, const int64_t* md, const
 }
 
 // acc: fp32 (exact integers) or int32, (N, C) contiguous; per-column bias/m/half/s (int64, C).
-// out_bits 8 or 16: int8/int16 out; 0: the integers as float32 (for a consumer that convolves in exact fp32).
+// out_code 8 / -8 / 16: int8 / uint8 / int16 out; 0: the integers as float32 (for a consumer
+// that convolves in exact fp32).
 torch::Tensor requant_cols(torch::Tensor acc, torch::Tensor bias, torch::Tensor m, torch::Tensor half,
-                           torch::Tensor s, int64_t lo, int64_t hi, int64_t out_bits) {
+                           torch::Tensor s, int64_t lo, int64_t hi, int64_t out_code) {
   TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous(), "requant_cols: acc must be contiguous (N,C)");
   const int64_t N = acc.size(0), C = acc.size(1);
-  auto odt = out_bits == 0 ? torch::kFloat32 : (out_bits <= 8 ? torch::kInt8 : torch::kInt16);
-  auto out = torch::empty({N, C}, acc.options().dtype(odt));
+  auto out = torch::empty({N, C}, acc.options().dtype(out_dtype(out_code)));
   const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
   const int64_t* md = m.data_ptr<int64_t>();
   const int64_t* hd = half.data_ptr<int64_t>();
@@ -149,20 +176,22 @@ torch::Tensor requant_cols(torch::Tensor acc, torch::Tensor bias, torch::Tensor 
   TORCH_CHECK(f32 || acc.dtype() == torch::kInt32, "requant_cols: acc must be fp32 or int32");
 #define QPIPE_RQ(ACC, OUT) rq_rows<ACC, OUT>(acc.data_ptr<ACC>(), out.data_ptr<OUT>(), bd, md, hd, sd, N, C, lo, hi)
   if (f32) {
-    if (out_bits == 0) QPIPE_RQ(float, float);
-    else if (out_bits <= 8) QPIPE_RQ(float, int8_t);
+    if (out_code == 0) QPIPE_RQ(float, float);
+    else if (out_code == 8) QPIPE_RQ(float, int8_t);
+    else if (out_code == -8) QPIPE_RQ(float, uint8_t);
     else QPIPE_RQ(float, int16_t);
   } else {
-    if (out_bits == 0) QPIPE_RQ(int32_t, float);
-    else if (out_bits <= 8) QPIPE_RQ(int32_t, int8_t);
+    if (out_code == 0) QPIPE_RQ(int32_t, float);
+    else if (out_code == 8) QPIPE_RQ(int32_t, int8_t);
+    else if (out_code == -8) QPIPE_RQ(int32_t, uint8_t);
     else QPIPE_RQ(int32_t, int16_t);
   }
 #undef QPIPE_RQ
   return out;
 }
 
-template <typename OutT>
-inline void add_span(const int8_t* __restrict a, const int8_t* __restrict b, OutT* __restrict o, int64_t n,
+template <typename AT, typename BT, typename OutT>
+inline void add_span(const AT* __restrict a, const BT* __restrict b, OutT* __restrict o, int64_t n,
                      int64_t ma, int64_t mb, int64_t half, int64_t s, int64_t lo, int64_t hi) {
   for (int64_t i = 0; i < n; ++i) {
     int64_t v = (int64_t)((uint64_t)(int64_t)a[i] * (uint64_t)ma + (uint64_t)(int64_t)b[i] * (uint64_t)mb + (uint64_t)half) >> s;
@@ -170,62 +199,92 @@ inline void add_span(const int8_t* __restrict a, const int8_t* __restrict b, Out
   }
 }
 
-// Residual add with one shared shift: clamp((a*ma + b*mb + half) >> s, lo, hi); a, b int8 of one shape, contiguous.
-torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, int64_t s, int64_t lo, int64_t hi,
-                     int64_t out_bits) {
-  TORCH_CHECK(a.dtype() == torch::kInt8 && b.dtype() == torch::kInt8 && a.is_contiguous() && b.is_contiguous() &&
-              a.sizes() == b.sizes(), "add_rq: a, b must be contiguous int8 of one shape");
-  auto out = torch::empty_like(a, a.options().dtype(out_bits <= 8 ? torch::kInt8 : torch::kInt16));
+template <typename AT, typename BT>
+void add_all(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out, int64_t out_code,
+             int64_t ma, int64_t mb, int64_t half, int64_t s, int64_t lo, int64_t hi) {
   const int64_t n = a.numel();
-  const int8_t* ad = a.data_ptr<int8_t>();
-  const int8_t* bd = b.data_ptr<int8_t>();
-  const int64_t half = s > 0 ? (int64_t(1) << (s - 1)) : 0;
+  const AT* ad = a.data_ptr<AT>();
+  const BT* bd = b.data_ptr<BT>();
   at::parallel_for(0, n, MIN_PARALLEL, [&](int64_t begin, int64_t end) {
-    if (out_bits <= 8)
-      add_span<int8_t>(ad + begin, bd + begin, out.data_ptr<int8_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
+    if (out_code == 8)
+      add_span<AT, BT, int8_t>(ad + begin, bd + begin, out.data_ptr<int8_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
+    else if (out_code == -8)
+      add_span<AT, BT, uint8_t>(ad + begin, bd + begin, out.data_ptr<uint8_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
     else
-      add_span<int16_t>(ad + begin, bd + begin, out.data_ptr<int16_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
+      add_span<AT, BT, int16_t>(ad + begin, bd + begin, out.data_ptr<int16_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
   });
+}
+
+// Residual add with one shared shift: clamp((a*ma + b*mb + half) >> s, lo, hi); a, b int8 or uint8
+// (each its own) of one shape, contiguous; out int8 / uint8 / int16 (out_code 8 / -8 / 16).
+torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, int64_t s, int64_t lo, int64_t hi,
+                     int64_t out_code) {
+  auto is8 = [](const torch::Tensor& t) { return t.dtype() == torch::kInt8 || t.dtype() == torch::kUInt8; };
+  TORCH_CHECK(is8(a) && is8(b) && a.is_contiguous() && b.is_contiguous() && a.sizes() == b.sizes(),
+              "add_rq: a, b must be contiguous int8/uint8 of one shape");
+  TORCH_CHECK(out_code != 0, "add_rq: integer output only");
+  auto out = torch::empty_like(a, a.options().dtype(out_dtype(out_code)));
+  const int64_t half = s > 0 ? (int64_t(1) << (s - 1)) : 0;
+  const bool au = a.dtype() == torch::kUInt8, bu = b.dtype() == torch::kUInt8;
+  if (au && bu) add_all<uint8_t, uint8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
+  else if (au) add_all<uint8_t, int8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
+  else if (bu) add_all<int8_t, uint8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
+  else add_all<int8_t, int8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
   return out;
 }
 
-// The input quantizer floor(x/scale + 1/2) clamped to [-hi, hi], computed as qpipe's
-// div_round_half_up does in float64 (t = x/scale; k = floor(t); q = k + (t > k + 1/2)),
-// written channels-last: x (B, C, T) -> out (B, T, C), int8 or float32 (out_f32).
-// Returns the number of elements it could not decide (t exactly on a half, or NaN):
-// when non-zero the caller recomputes the tensor with the reference quantizer.
+// The input quantizer, ONNX QuantizeLinear as qpipe.quantize computes it: the float32
+// quotient x / scale (IEEE division; scale rounded to float32 first, as the reference
+// does), rounded half to even (nearbyint in the default rounding mode), clamped to
+// [-hi-1, hi]; written channels-last: x (B, C, T) -> out (B, T, C), int8 or float32
+// (out_f32). Returns the number of NaN inputs (whose integer the reference leaves to
+// torch's cast): when non-zero the caller recomputes the tensor with the reference.
+template <typename OutT>
+void quantize_tiles(const float* xd, OutT* od, int64_t B, int64_t C, int64_t T, float fs, float flo, float fhi,
+                    std::atomic<int64_t>& special) {
+  constexpr int64_t TQ = 64;  // time steps per tile: the quotients of C x TQ inputs, then a transposed write
+  const int64_t nblk = (T + TQ - 1) / TQ;
+  at::parallel_for(0, B * nblk, std::max<int64_t>(1, MIN_PARALLEL / std::max<int64_t>(C * TQ, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> tile((size_t)(C * TQ));
+    float* __restrict tl = tile.data();
+    int64_t bad = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / nblk, t0 = (i % nblk) * TQ, nt = std::min<int64_t>(TQ, T - t0);
+      for (int64_t c = 0; c < C; ++c) {
+        const float* __restrict src = xd + (b * C + c) * T + t0;
+        float* __restrict row = tl + c * TQ;
+        for (int64_t tt = 0; tt < nt; ++tt) {
+          const float q = src[tt] / fs;  // IEEE division (no -ffast-math / -freciprocal-math)
+          bad += (q != q);
+          float v = std::nearbyint(q);  // half to even in the default rounding mode
+          v = v < flo ? flo : v;
+          v = v > fhi ? fhi : v;
+          row[tt] = v;
+        }
+      }
+      OutT* __restrict o = od + (b * T + t0) * C;
+      for (int64_t tt = 0; tt < nt; ++tt)
+        for (int64_t c = 0; c < C; ++c) o[tt * C + c] = (OutT)tl[c * TQ + tt];
+    }
+    special += bad;
+  });
+}
+
 std::tuple<torch::Tensor, int64_t> quantize_cl(torch::Tensor x, double scale, int64_t hi, bool out_f32) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 3, "quantize_cl: x must be float32 (B,C,T)");
   x = x.contiguous();
   const int64_t B = x.size(0), C = x.size(1), T = x.size(2);
   auto out = torch::empty({B, T, C}, x.options().dtype(out_f32 ? torch::kFloat32 : torch::kInt8));
-  const float* xd = x.data_ptr<float>();
   std::atomic<int64_t> special{0};
-  const double dhi = (double)hi;
-  at::parallel_for(0, B * C, std::max<int64_t>(1, MIN_PARALLEL / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
-    int64_t bad = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / C, c = i % C;
-      const float* src = xd + i * T;
-      for (int64_t t = 0; t < T; ++t) {
-        double q = (double)src[t] / scale;
-        double k = std::floor(q);
-        double h = k + 0.5;
-        bad += (q == h) | (q != q);
-        double v = k + (q > h ? 1.0 : 0.0);
-        v = v < -dhi ? -dhi : (v > dhi ? dhi : v);
-        const int64_t o = (b * T + t) * C + c;
-        if (out_f32) out.data_ptr<float>()[o] = (float)v;
-        else out.data_ptr<int8_t>()[o] = (int8_t)v;
-      }
-    }
-    special += bad;
-  });
+  const float fs = (float)scale;
+  const float fhi = (float)hi, flo = -(float)hi - 1.0f;
+  if (out_f32) quantize_tiles<float>(x.data_ptr<float>(), out.data_ptr<float>(), B, C, T, fs, flo, fhi, special);
+  else quantize_tiles<int8_t>(x.data_ptr<float>(), out.data_ptr<int8_t>(), B, C, T, fs, flo, fhi, special);
   return {out, special.load()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8");
+  mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8/uint8");
   mod.def("requant_cols", &requant_cols, "per-column dyadic requant of an fp32/int32 accumulator");
   mod.def("quantize_cl", &quantize_cl, "input quantizer, channels-last out");
   mod.def("add_rq", &add_rq, "residual add with dyadic requant");

@@ -14,14 +14,14 @@ class CpuBackend:
     def context(self):
         return cpu.ieee_fp32()
 
-    def make(self, op: str, a: dict[str, Any], x_bits: int) -> Optional[tuple]:
+    def make(self, op: str, a: dict[str, Any], x_bits: int, x_unsigned: bool = False) -> Optional[tuple]:
         """(callable, names of its tensor inputs, kernel description) or None for the reference kernel."""
         tail = "" if self.ext is not None else " (no C++: torch requant)"
         if op in ("conv1d_rq", "conv2d_rq", "conv1d_acc", "conv2d_acc"):
-            k = cpu.Conv(self.ext, a, x_bits, fused=op.endswith("_rq"))
+            k = cpu.Conv(self.ext, a, x_bits, fused=op.endswith("_rq"), x_unsigned=x_unsigned)
             return k, ["x"], k.kind + tail
         if op in ("linear_rq", "linear_acc"):
-            k = cpu.Linear(self.ext, a, x_bits, fused=op == "linear_rq")
+            k = cpu.Linear(self.ext, a, x_bits, fused=op == "linear_rq", x_unsigned=x_unsigned)
             return k, ["x"], k.kind + tail
         if op == "add_requant":
             k = cpu.AddRequant(self.ext, a)

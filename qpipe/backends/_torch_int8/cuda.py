@@ -9,6 +9,11 @@ algorithm choice (FFT, Winograd, TF32) can round anything. Without Triton the
 requantization runs as torch int64 ops and the depthwise convolution as an
 unfold + int32 multiply-sum: the same integers, slower.
 
+Activations are int8 [-128, 127] or uint8 [0, 255] (a ReLU's output, ``dtype_for_range``),
+as on the CPU: ``torch._int_mm`` takes int8 x int8, so a uint8 input goes in as the
+int8 ``x - 128`` and ``128 * sum_k w[c, k]`` joins channel ``c``'s int64 bias (exact);
+the depthwise kernel loads either type, and every kernel writes the reference's dtype.
+
 Written without a GPU at hand: ``tools/bench/torch_int8_cuda_check.py`` checks it
 bit for bit against the CPU reference and times it where CUDA exists.
 """
@@ -20,9 +25,21 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from qpipe.ir.ops.kernels import dtype_for_bits, requant_reference, round_shift
+from qpipe.backends._torch_int8.f32 import f32_multipliers, requant_f32
+from qpipe.ir.ops.kernels import dtype_for_range, requant_reference, round_shift
 
 I32_EXACT = 1 << 31
+U8_SHIFT = 128
+
+
+def _to_signed(x: Tensor) -> Tensor:
+    """uint8 codes as the int8 ``x - 128`` (the top bit flipped)."""
+    return torch.bitwise_xor(x, U8_SHIFT).view(torch.int8)
+
+
+def _shift_correction(w: Tensor) -> Tensor:
+    """``128 * sum_k w[c, k]`` per output channel (int64): what ``w @ (x - 128)`` lacks of ``w @ x``."""
+    return w.to(torch.int64).reshape(w.shape[0], -1).sum(1) * U8_SHIFT
 
 try:  # Triton is optional; a CPU-only machine has none
     import triton
@@ -96,32 +113,48 @@ def _per_channel(t: Tensor, c: int, device) -> Tensor:
 
 
 class CudaRequant:
-    """Per-column requantization of an (N, C) int32/int64 accumulator on the GPU."""
+    """Per-column requantization of an (N, C) int32/int64 accumulator on the GPU.
 
-    def __init__(self, device, c: int, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int):
+    ``corr``: the per-column ``128 * sum_k w`` a GEMM of a shifted uint8 input lacks
+    (``__call__(acc, shifted=True)`` adds it with the bias).
+    """
+
+    def __init__(self, device, c: int, bias: Optional[Tensor], m: Tensor, s: Tensor, lo: int, hi: int, bits: int,
+                 corr: Optional[Tensor] = None, f32: bool = False):
         self.c, self.lo, self.hi, self.bits = c, int(lo), int(hi), int(bits)
+        self.mult = f32_multipliers(m, s, c, device) if f32 else None  # f32=True: float32 arithmetic (f32.py)
         self.m, self.s = _per_channel(m, c, device), _per_channel(s, c, device)
-        self.bias = bias.to(torch.int64).reshape(-1).contiguous().to(device) if bias is not None else None
-        self.dtype = dtype_for_bits(self.bits)
-        self.triton = triton is not None and bool(((self.s >= 0) & (self.s <= 63)).all()) and self.bits <= 16
+        self.bias = _per_channel(bias, c, device) if bias is not None else None
+        if corr is None:
+            self.bias_shifted = self.bias
+        else:
+            corr = corr.to(torch.int64).reshape(-1).to(device)
+            self.bias_shifted = (corr if self.bias is None else self.bias + corr).contiguous()
+        self.dtype = dtype_for_range(self.bits, self.lo, self.hi)
+        # the fused Triton kernels round dyadically; a float32-faithful requant runs as torch float32 ops
+        self.triton = triton is not None and bool(((self.s >= 0) & (self.s <= 63)).all()) and self.bits <= 16 and not f32
 
-    def __call__(self, acc: Tensor) -> Tensor:
+    def __call__(self, acc: Tensor, shifted: bool = False) -> Tensor:
+        bias = self.bias_shifted if shifted else self.bias
+        if self.mult is not None:
+            return requant_f32(acc, bias, self.mult, self.lo, self.hi).to(self.dtype)
         if self.triton and acc.dtype in (torch.int32, torch.int64):
             acc = acc.contiguous()
             M, N = acc.shape
             out = torch.empty((M, N), dtype=self.dtype, device=acc.device)
             grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
-            _requant_cols_kernel[grid](acc, out, self.bias if self.bias is not None else self.m, self.m, self.s, M, N,
-                                       self.lo, self.hi, HAS_BIAS=self.bias is not None, BLOCK_M=64, BLOCK_N=64)
+            _requant_cols_kernel[grid](acc, out, bias if bias is not None else self.m, self.m, self.s, M, N,
+                                       self.lo, self.hi, HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=64)
             return out
         acc = acc.to(torch.int64)
-        if self.bias is not None:
-            acc = acc + self.bias
+        if bias is not None:
+            acc = acc + bias
         return requant_reference(acc, self.m, self.s, 1, self.lo, self.hi).to(self.dtype)
 
 
 class CudaIntMM:
-    """``x (M, K) int8 @ w.T`` -> int32 with cuBLASLt; pads to m > 16 and k, n multiples of 8."""
+    """``x (M, K) int8 @ w.T`` -> int32 with cuBLASLt; pads to m > 16 and k, n multiples of 8 (int8 only:
+    the caller shifts a uint8 input)."""
 
     def __init__(self, w: Tensor, device):
         self.n, self.k = w.shape
@@ -149,11 +182,15 @@ class CudaConv1d:
         self.groups = int(a["groups"])
         bias = a.get("bias")
         bias = bias.cpu() if bias is not None else None
-        bound = int(w.to(torch.int64).abs().reshape(self.co, -1).sum(1).max()) * (1 << (x_bits - 1))
+        # 255 bounds |x| of int8 and uint8 inputs alike (the depthwise kernel takes both unshifted;
+        # a GEMM's shifted input is within 128)
+        bound = int(w.to(torch.int64).abs().reshape(self.co, -1).sum(1).max()) * 255
         if bound >= I32_EXACT or x_bits > 8:
             raise ValueError("accumulator may exceed int32")
         self.depthwise = self.groups == self.co and cig == 1
-        self.rq = CudaRequant(device, self.co, bias if not self.depthwise else None, a["m"], a["s"], a["lo"], a["hi"], a["bits"])
+        corr = None if self.depthwise else _shift_correction(w)
+        self.rq = CudaRequant(device, self.co, bias if not self.depthwise else None, a["m"], a["s"], a["lo"], a["hi"], a["bits"],
+                              corr, f32=bool(a.get("f32", False)))
         if self.depthwise:
             self.kind = "triton-depthwise" if triton is not None else "unfold-int32-depthwise"
             self.w_kc = w[:, 0, :].t().contiguous().to(torch.int32).to(device)  # (K, C)
@@ -189,33 +226,44 @@ class CudaConv1d:
         B, T, C = xcl.shape
         if self.depthwise:
             return self._dw(xcl).transpose(1, 2)
-        if self.kk == 1 and self.stride == 1 and self.pad == 0:
+        shifted = xcl.dtype == torch.uint8
+        if shifted and self.pad:  # pad with the code 0 first: the correction covers every tap, padded ones too
+            xcl = torch.nn.functional.pad(xcl, (0, 0, self.pad, self.pad))
+            pad, T = 0, xcl.shape[1]
+        else:
+            pad = self.pad
+        if shifted:
+            xcl = _to_signed(xcl)
+        if self.kk == 1 and self.stride == 1 and pad == 0:
             rows, tout = xcl.reshape(B * T, C), T
             cols = [rows[:, i * (C // self.groups):(i + 1) * (C // self.groups)] for i in range(self.groups)]
         else:
-            xp = torch.nn.functional.pad(xcl, (0, 0, self.pad, self.pad))  # (B, Tp, C)
+            xp = torch.nn.functional.pad(xcl, (0, 0, pad, pad))  # (B, Tp, C)
             u = xp.unfold(1, (self.kk - 1) * self.dil + 1, self.stride)[..., :: self.dil]  # (B, Tout, C, K)
             tout = u.shape[1]
             cg = C // self.groups
             cols = [u[:, :, i * cg:(i + 1) * cg, :].permute(0, 1, 3, 2).reshape(B * tout, self.kk * cg) for i in range(self.groups)]
         acc = torch.cat([mm(c.contiguous()) for mm, c in zip(self.mms, cols)], dim=1) if self.groups > 1 else self.mms[0](cols[0].contiguous())
-        return self.rq(acc).view(B, tout, self.co).transpose(1, 2)
+        return self.rq(acc, shifted).view(B, tout, self.co).transpose(1, 2)
 
 
 class CudaLinear:
     def __init__(self, device, a: dict[str, Any], x_bits: int):
         w = a["w"].cpu()
-        bound = int(w.to(torch.int64).abs().sum(1).max()) * (1 << (x_bits - 1))
+        bound = int(w.to(torch.int64).abs().sum(1).max()) * 128  # an int8 input, or a uint8 one shifted
         if bound >= I32_EXACT or x_bits > 8:
             raise ValueError("accumulator may exceed int32")
         self.n = w.shape[0]
         self.mm = CudaIntMM(w, device)
         bias = a.get("bias")
-        self.rq = CudaRequant(device, self.n, bias.cpu() if bias is not None else None, a["m"], a["s"], a["lo"], a["hi"], a["bits"])
+        self.rq = CudaRequant(device, self.n, bias.cpu() if bias is not None else None, a["m"], a["s"], a["lo"], a["hi"], a["bits"],
+                              _shift_correction(w), f32=bool(a.get("f32", False)))
 
     def __call__(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        return self.rq(self.mm(x.reshape(-1, x.shape[-1]))).view(*lead, self.n)
+        rows = x.reshape(-1, x.shape[-1])
+        shifted = rows.dtype == torch.uint8
+        return self.rq(self.mm(_to_signed(rows) if shifted else rows), shifted).view(*lead, self.n)
 
 
 class CudaBackend:
@@ -225,7 +273,7 @@ class CudaBackend:
     def context(self):
         return contextlib.nullcontext()
 
-    def make(self, op: str, a: dict[str, Any], x_bits: int) -> Optional[tuple]:
+    def make(self, op: str, a: dict[str, Any], x_bits: int, x_unsigned: bool = False) -> Optional[tuple]:
         try:
             if op == "conv1d_rq":
                 k = CudaConv1d(self.device, a, x_bits)
@@ -236,7 +284,8 @@ class CudaBackend:
             return None  # the reference kernel (on the GPU, op by op)
         if op == "add_requant":
             ma, mb, s = (a[k].to(torch.int64) for k in ("ma", "mb", "s"))
-            lo, hi, dt = int(a["lo"]), int(a["hi"]), dtype_for_bits(int(a["bits"]))
+            lo, hi = int(a["lo"]), int(a["hi"])
+            dt = dtype_for_range(int(a["bits"]), lo, hi)
 
             def add(x: Tensor, y: Tensor) -> Tensor:
                 return round_shift(x.to(torch.int64) * ma + y.to(torch.int64) * mb, s).clamp(lo, hi).to(dt)

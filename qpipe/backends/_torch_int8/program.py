@@ -59,17 +59,17 @@ class Program:
         self.kernels: dict[str, str] = {}
         self.backend = _backend(self.device, use_ext)
         tensors = plan["tensors"]
-        bits: dict[str, int] = {}
+        dtypes: dict[str, str] = {}
         self.steps: list[tuple[str, Callable, list[Callable]]] = []
         uses: dict[str, int] = {}
         consumers: dict[str, list] = {}
         producers: dict[str, Any] = {}
         for i, st in enumerate(plan["steps"]):
             args = _decode(st["args"], tensors, self.device)
-            fn, getters = self._prepare(st, args, bits)
+            fn, getters = self._prepare(st, args, dtypes)
             self.steps.append((st["out"], fn, getters))
             producers[st["out"]] = fn
-            bits[st["out"]] = _BITS.get(st.get("dtype") or "", 0)
+            dtypes[st["out"]] = st.get("dtype") or ""
             for r in _refs(args):
                 uses[r] = i
                 consumers.setdefault(r, []).append(fn)
@@ -90,13 +90,14 @@ class Program:
             if name not in keep:
                 self.free[last].append(name)
 
-    def _prepare(self, st: dict[str, Any], args: Any, bits: dict[str, int]):
+    def _prepare(self, st: dict[str, Any], args: Any, dtypes: dict[str, str]):
         name = st["fn"]
         if name.startswith("qpipe."):
             op = name.split(".", 1)[1]
             x = args.get("x") if isinstance(args, dict) else None
-            x_bits = bits.get(x[1], 8) if _is_ref(x) else 8
-            made = self.backend.make(op, args, x_bits)
+            x_dtype = dtypes.get(x[1], "torch.int8") if _is_ref(x) else "torch.int8"
+            # the input's width and sign (a ReLU's output is uint8 [0, 255]): a kernel's accumulator bound
+            made = self.backend.make(op, args, _BITS.get(x_dtype, 8), x_dtype == "torch.uint8")
             if made is not None:
                 fn, inputs, kind = made
                 self.kernels[st["out"]] = kind
