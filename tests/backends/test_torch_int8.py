@@ -501,3 +501,34 @@ def test_cpp_depthwise_kernel_takes_and_writes_uint8(dtype, lo, hi):
     got = EXT.dw_conv1d_rq(x.transpose(1, 2).contiguous(), wp, bias.to(torch.int64), m, half, s, 1, pad, 1, lo, hi,
                            cpu.out_code(want.dtype))
     assert got.dtype == want.dtype and torch.equal(got.transpose(1, 2), want)
+
+
+@pytest.mark.parametrize("ext", EXTS)
+@SETTINGS
+@given(layer=conv1d_layers(), data=st.data())
+def test_f32_requant_conv1d_and_linear_are_bit_exact(ext, layer, data):
+    """``f32=True`` (float32-faithful requant, half to even): the C++ kernel and the torch one against the reference."""
+    from qpipe.ir.ops.kernels import f32_multiplier
+
+    x, a = layer
+    n = a["m"].numel()
+    ratios = data.draw(st.lists(st.floats(1e-7, 0.5), min_size=n, max_size=n))
+    pairs = [f32_multiplier(r) for r in ratios]
+    a = dict(a, m=torch.tensor([p[0] for p in pairs]), s=torch.tensor([p[1] for p in pairs]), f32=True)
+    want = torch.ops.qpipe.conv1d_rq(x, a["w"], a["bias"], a["m"], a["s"], a["stride"], a["padding"], a["dilation"],
+                                     a["groups"], a["lo"], a["hi"], a["bits"], True)
+    k = cpu.Conv(ext, a, 8, fused=True, x_unsigned=a["x_unsigned"])
+    got = k(x)
+    assert got.dtype == want.dtype and torch.equal(got, want), (k.kind, x.dtype)
+    if k.can_emit_f32:
+        k.emit_f32 = True
+        assert torch.equal(k(x), want.to(torch.float32)), (k.kind, x.dtype)
+    xl = x.transpose(1, 2)
+    wl = torch.randint(-127, 128, (n if n > 1 else 5, xl.shape[-1]), generator=torch.Generator().manual_seed(n))
+    wl = wl.to(torch.int8)
+    m, s = a["m"], a["s"]
+    if n > 1:
+        wl = wl[:n]
+    want = torch.ops.qpipe.linear_rq(xl, wl, None, m, s, a["lo"], a["hi"], a["bits"], True)
+    got = cpu.Linear(ext, dict(w=wl, bias=None, m=m, s=s, lo=a["lo"], hi=a["hi"], bits=a["bits"], f32=True), 8, fused=True)(xl)
+    assert got.dtype == want.dtype and torch.equal(got, want)

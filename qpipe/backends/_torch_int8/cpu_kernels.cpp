@@ -190,6 +190,60 @@ torch::Tensor requant_cols(torch::Tensor acc, torch::Tensor bias, torch::Tensor 
   return out;
 }
 
+// The float32-faithful requantization (f32.py's requant_f32, the reference's requant_f32_reference):
+// clamp(round_half_even(fl32(fl32(acc + bias) * mult)), lo, hi) per column. acc + bias is summed
+// exactly in double (|acc| < 2**31, |bias| < 2**52: the caller checks) and rounded once to float32
+// (nearest even, as torch's int64 -> float32 cast); one IEEE float32 multiply; nearbyint (half to even).
+template <typename AccT, typename OutT>
+inline void rq_f32_row(const AccT* __restrict a, OutT* __restrict o, const int64_t* __restrict bd,
+                       const float* __restrict mult, int64_t C, float lo, float hi) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = bd ? (float)((double)a[c] + (double)bd[c]) : (float)a[c];
+    const float p = v * mult[c];
+    float r = std::nearbyint(p);
+    r = r < lo ? lo : r;
+    r = r > hi ? hi : r;
+    o[c] = (OutT)r;
+  }
+}
+
+template <typename AccT, typename OutT>
+void rq_f32_rows(const AccT* a, OutT* o, const int64_t* bd, const float* mult, int64_t N, int64_t C, float lo, float hi) {
+  at::parallel_for(0, N, std::max<int64_t>(1, MIN_PARALLEL / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) rq_f32_row<AccT, OutT>(a + i * C, o + i * C, bd, mult, C, lo, hi);
+  });
+}
+
+// acc: fp32 (exact integers) or int32 (N, C) contiguous; bias int64 (C) or empty; mult float32 (C);
+// out_code as requant_cols.
+torch::Tensor requant_f32_cols(torch::Tensor acc, torch::Tensor bias, torch::Tensor mult, int64_t lo, int64_t hi,
+                               int64_t out_code) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous(), "requant_f32_cols: acc must be contiguous (N,C)");
+  TORCH_CHECK(mult.dtype() == torch::kFloat32 && mult.is_contiguous() && mult.numel() == acc.size(1),
+              "requant_f32_cols: mult must be float32 (C)");
+  const int64_t N = acc.size(0), C = acc.size(1);
+  auto out = torch::empty({N, C}, acc.options().dtype(out_dtype(out_code)));
+  const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
+  const float* md = mult.data_ptr<float>();
+  const float flo = (float)lo, fhi = (float)hi;
+  const bool f32 = acc.dtype() == torch::kFloat32;
+  TORCH_CHECK(f32 || acc.dtype() == torch::kInt32, "requant_f32_cols: acc must be fp32 or int32");
+#define QPIPE_RQF(ACC, OUT) rq_f32_rows<ACC, OUT>(acc.data_ptr<ACC>(), out.data_ptr<OUT>(), bd, md, N, C, flo, fhi)
+  if (f32) {
+    if (out_code == 0) QPIPE_RQF(float, float);
+    else if (out_code == 8) QPIPE_RQF(float, int8_t);
+    else if (out_code == -8) QPIPE_RQF(float, uint8_t);
+    else QPIPE_RQF(float, int16_t);
+  } else {
+    if (out_code == 0) QPIPE_RQF(int32_t, float);
+    else if (out_code == 8) QPIPE_RQF(int32_t, int8_t);
+    else if (out_code == -8) QPIPE_RQF(int32_t, uint8_t);
+    else QPIPE_RQF(int32_t, int16_t);
+  }
+#undef QPIPE_RQF
+  return out;
+}
+
 template <typename AT, typename BT, typename OutT>
 inline void add_span(const AT* __restrict a, const BT* __restrict b, OutT* __restrict o, int64_t n,
                      int64_t ma, int64_t mb, int64_t half, int64_t s, int64_t lo, int64_t hi) {
@@ -286,6 +340,7 @@ std::tuple<torch::Tensor, int64_t> quantize_cl(torch::Tensor x, double scale, in
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8/uint8");
   mod.def("requant_cols", &requant_cols, "per-column dyadic requant of an fp32/int32 accumulator");
+  mod.def("requant_f32_cols", &requant_f32_cols, "per-column float32-faithful requant of an fp32/int32 accumulator");
   mod.def("quantize_cl", &quantize_cl, "input quantizer, channels-last out");
   mod.def("add_rq", &add_rq, "residual add with dyadic requant");
 }
