@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
-from qpipe.ir.dyadic import FLOAT64_EXACT, INT64_MAX, M_BITS, act_range, dyadic_bounded
+from qpipe.ir.dyadic import FLOAT64_EXACT, M_BITS, act_range, dyadic_bounded
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import add_constant, users_through
 from qpipe.ir.meta import QPARAMS, QPOLICY, set_provenance, source_name
@@ -184,27 +184,18 @@ class Lowering:
         float32 arithmetic (``f32=True``).
         """
         out_scale, bits, act, facts = self.out_qparams(node)
-        if factors is not None and bits <= 8 and self.requant_rounding == "f32":
-            return self._requant_f32(node, acc, before, channel_dim, out_scale, bits, act, facts, factors)
-        role = getattr(self.out_observer(node)[0].meta[QPOLICY], "role", "activation")
-        limit = FLOAT64_EXACT if role == "output" else INT64_MAX
         lo, hi = self.int_bounds(bits, out_scale, act, facts.get("unsigned", False))  # straight to the activation's scale and clamp
-        in_scales = torch.tensor(self.qtype(acc).scales, dtype=torch.float64)
-        ratios = (in_scales / out_scale).tolist()
-        limits = self.acc_bounds(acc, len(ratios), bounds)
+        f32 = factors is not None and bits <= 8 and self.requant_rounding == "f32"
         try:
-            pairs = [dyadic_bounded(r, b) for r, b in zip(ratios, limits)]
-            if limit == FLOAT64_EXACT:
-                exact = [dyadic_bounded(r, b, limit=limit) for r, b in zip(ratios, limits)]
-                if all(m >= 1 << (M_BITS - 3) or m == p for (m, _), (p, _) in zip(exact, pairs)):
-                    pairs = exact
+            pairs = self._f32_pairs(out_scale, factors) if f32 else self._dyadic_pairs(node, acc, out_scale, bounds)
         except ValueError as exc:
             raise QpipeError(f"{source_name(node)}: {exc}") from exc
         m = self.const(f"{node.name}_m", torch.tensor([p[0] for p in pairs], dtype=torch.int64), before)
         s = self.const(f"{node.name}_s", torch.tensor([p[1] for p in pairs], dtype=torch.int64), before)
-        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi,
+        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, **({"requant": "f32"} if f32 else {}),
               "m": [p[0] for p in pairs], "s": [p[1] for p in pairs], **facts}
-        values = {"acc": acc, "m": m, "s": s, "channel_dim": channel_dim, "lo": lo, "hi": hi, "bits": bits}
+        values = {"acc": acc, "m": m, "s": s, "channel_dim": channel_dim, "lo": lo, "hi": hi, "bits": bits,
+                  **({"f32": True} if f32 else {})}
         rq = self.emit(before, torch.ops.qpipe.requant.default, values, node, QType.of(bits, out_scale), qp)
         self.bind(node, rq)
         if act is not None:
@@ -212,24 +203,21 @@ class Lowering:
             self.count("activation")
         return rq
 
-    def _requant_f32(self, node: Node, acc: Node, before: Node, channel_dim: int, out_scale: float, bits: int,
-                     act: Optional[Node], facts: dict, factors: tuple[float, list[float]]) -> Node:
-        """The float32-faithful requantization: ``(m, s)`` is exactly ``fl32(fl32(S_x*S_w)/S_y)``."""
-        lo, hi = self.int_bounds(bits, out_scale, act, facts.get("unsigned", False))
-        sx = np.float32(factors[0])
-        sy = np.float32(out_scale)
-        try:
-            pairs = [f32_multiplier(float(np.float32(sx * np.float32(sw)) / sy)) for sw in factors[1]]
-        except ValueError as exc:
-            raise QpipeError(f"{source_name(node)}: {exc}") from exc
-        m = self.const(f"{node.name}_m", torch.tensor([p[0] for p in pairs], dtype=torch.int64), before)
-        s = self.const(f"{node.name}_s", torch.tensor([p[1] for p in pairs], dtype=torch.int64), before)
-        qp = {"out_scale": out_scale, "bits": bits, "lo": lo, "hi": hi, "requant": "f32",
-              "m": [p[0] for p in pairs], "s": [p[1] for p in pairs], **facts}
-        values = {"acc": acc, "m": m, "s": s, "channel_dim": channel_dim, "lo": lo, "hi": hi, "bits": bits, "f32": True}
-        rq = self.emit(before, torch.ops.qpipe.requant.default, values, node, QType.of(bits, out_scale), qp)
-        self.bind(node, rq)
-        if act is not None:
-            self.bind(act, rq)
-            self.count("activation")
-        return rq
+    def _dyadic_pairs(self, node: Node, acc: Node, out_scale: float, bounds) -> list[tuple[int, int]]:
+        """31-bit pairs, shortened where int64 (or, for the logits, float64 exactness) needs it."""
+        role = getattr(self.out_observer(node)[0].meta[QPOLICY], "role", "activation")
+        in_scales = torch.tensor(self.qtype(acc).scales, dtype=torch.float64)
+        ratios = (in_scales / out_scale).tolist()
+        limits = self.acc_bounds(acc, len(ratios), bounds)
+        pairs = [dyadic_bounded(r, b) for r, b in zip(ratios, limits)]
+        if role == "output":
+            exact = [dyadic_bounded(r, b, limit=FLOAT64_EXACT) for r, b in zip(ratios, limits)]
+            if all(m >= 1 << (M_BITS - 3) or m == p for (m, _), (p, _) in zip(exact, pairs)):
+                pairs = exact
+        return pairs
+
+    @staticmethod
+    def _f32_pairs(out_scale: float, factors: tuple[float, list[float]]) -> list[tuple[int, int]]:
+        """Per channel, exactly the float32 ``fl32(fl32(S_x*S_w)/S_y)`` (ONNX Runtime's order of operations)."""
+        sx, sy = np.float32(factors[0]), np.float32(out_scale)
+        return [f32_multiplier(float(np.float32(sx * np.float32(sw)) / sy)) for sw in factors[1]]
