@@ -25,7 +25,8 @@ its own. Two layouts (:data:`LAYOUTS`; ``head="float"`` gives the ORT-quantizer 
     Add into ``QLinearAdd``; with int8 activations it leaves convolutions in
     float). The int16 output layer is ``MatMulInteger`` (a 1x1 conv or a
     linear; ``ConvInteger`` otherwise) plus qpipe's own dyadic requantization
-    in int64, so the logits are int16 in the reference's integer units.
+    (float64 where that is exact, int64 otherwise), so the logits are int16 in
+    the reference's integer units.
 ``tensorrt``
     what TensorRT's explicit quantization accepts: int8 activations with zero
     point 0, weights int8 per output channel (DQ axis 0), ReLU as a float
@@ -37,13 +38,15 @@ its own. Two layouts (:data:`LAYOUTS`; ``head="float"`` gives the ORT-quantizer 
     one-line error; quantize it with ``unsigned_relu=false``.
 
 ORT's fused kernels requantize with a float32 multiplier and round half to
-even, qpipe with the dyadic ``m * 2**-s`` and round half up: the two differ on
-values within about 2**-24 of a rounding boundary, by one step, and that step
-travels on through the layers after it. The ``ort`` layout therefore picks each
-DequantizeLinear scale within a few float32 ulps of the qtype's so that ORT's
-x86 kernels round like qpipe on every reachable boundary value
-(:mod:`qpipe.backends.onnx.ort_rounding`); the demo QuartzNet's held-out logits
-are then bit-identical to the reference's.
+even. An 8-bit conv / linear of the reference does exactly that
+(``substitute-int-ops{requant=f32}``, the default: its ``(m, s)`` is
+``fl32(fl32(S_x*S_w)/S_y)``), so the ``ort`` layout writes the qtype's float32
+scales and ORT's QLinearConv / QGemm compute the reference's integers on every
+input. Where a requantization is dyadic (``requant=dyadic``, and the residual
+adds) the two roundings differ on values within about 2**-24 of a boundary, and
+the layout picks each DequantizeLinear scale within a few float32 ulps of the
+qtype's so that ORT's x86 kernels round like qpipe on every reachable boundary
+value (:mod:`qpipe.backends.onnx.ort_rounding`; exhaustive for the adds).
 """
 from __future__ import annotations
 
