@@ -67,6 +67,7 @@ from qpipe.backends.target import SaveRecord, Target, register_target
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import fetch_attr
 from qpipe.ir.opspec import OpKind, spec_of
+from qpipe.ir.ops.kernels import unsigned_codes
 from qpipe.ir.qtype import QType, qtype_of
 
 aten = torch.ops.aten
@@ -220,7 +221,7 @@ class _Builder:
         ``[lo, hi]``; the code range is what a QuantizeLinear saturates to, in qpipe units. Unsigned codes
         (``[0, 255]``, a ReLU's output) are uint8 with zero point 0: the saturation is the clamp."""
         elem, zp, npdtype = self.act_type(bits)
-        if bits <= 8 and lo >= 0 and hi > 127:
+        if unsigned_codes(bits, lo, hi):
             if self.layout.activations != "uint8":
                 raise QpipeError(f"onnx-qdq layout {self.layout.name!r}: a ReLU output on the unsigned codes [0, {hi}] "
                                  "has no int8 type (TensorRT has no uint8): quantize with insert-observers{unsigned_relu=false}")

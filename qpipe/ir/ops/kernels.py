@@ -26,10 +26,15 @@ def dtype_for_bits(bits: int) -> torch.dtype:
     raise ValueError(f"no integer dtype holds {bits} bits")
 
 
+def unsigned_codes(bits: int, lo: int, hi: int) -> bool:
+    """A clamp ``[lo, hi]`` of ``bits`` bits that int8 cannot hold but uint8 can: a ReLU output on [0, 255]."""
+    return bits <= 8 and lo >= 0 and hi > 127
+
+
 def dtype_for_range(bits: int, lo: int, hi: int) -> torch.dtype:
     """Storage of an output clamped to ``[lo, hi]``: ``uint8`` for codes int8 cannot hold but uint8
     can (a ReLU output on the unsigned grid ``[0, 255]``), else the signed type of ``bits``."""
-    if bits <= 8 and lo >= 0 and hi > 127:
+    if unsigned_codes(bits, lo, hi):
         if hi > 255:
             raise ValueError(f"an 8-bit output clamped to [{lo}, {hi}] does not fit uint8")
         return torch.uint8

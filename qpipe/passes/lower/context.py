@@ -20,7 +20,7 @@ from qpipe.ir.errors import QpipeError
 from qpipe.ir.graph_utils import add_constant, users_through
 from qpipe.ir.meta import QPARAMS, QPOLICY, set_provenance, source_name
 from qpipe.ir.observer import ActObserver
-from qpipe.ir.ops.kernels import f32_multiplier
+from qpipe.ir.ops.kernels import f32_multiplier, unsigned_codes
 from qpipe.ir.opspec import spec_for
 from qpipe.ir.printer import target_name
 from qpipe.ir.qtype import QType, qtype_of, set_qtype
@@ -96,7 +96,7 @@ class Lowering:
             node = self.graph.create_node("call_function", op, spec.args_from(values), name=f"{src.name}_{spec.name}")
         set_provenance(node, [src])
         lo, hi = values.get("lo"), values.get("hi")
-        if isinstance(lo, int) and isinstance(hi, int) and qtype.bits <= 8 and lo >= 0 and hi > 127 and not qtype.unsigned:
+        if isinstance(lo, int) and isinstance(hi, int) and unsigned_codes(qtype.bits, lo, hi) and not qtype.unsigned:
             qtype = dataclasses.replace(qtype, unsigned=True)  # stored as uint8 (ops/kernels.py: dtype_for_range)
         set_qtype(node, qtype)
         if qparams:
