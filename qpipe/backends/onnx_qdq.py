@@ -90,7 +90,11 @@ class QdqLayout:
     ``weight_scale``: ``qtype`` (the qtype's scales, rounded to float32) or
     ``matched`` (float32 scales within a few ulps of those, chosen so that ORT's
     x86 kernels round every reachable value as qpipe's dyadic requantization
-    does: :mod:`qpipe.backends.onnx.ort_rounding`; uint8 activations only).
+    does: :mod:`qpipe.backends.onnx.ort_rounding`; uint8 activations only);
+    ``bias_scale``: the int32 bias's DequantizeLinear scale ``S_x*S_w`` as an initializer of its
+    own (``stored``) or as ``Mul(S_x, S_w)`` of the two scales already in the file (``product``:
+    ORT folds the constant Mul before it fuses the QLinearConv; one float32 per channel less on
+    disk, 2 % of the demo's file; TensorRT wants the scale an initializer).
     """
 
     name: str
@@ -98,6 +102,7 @@ class QdqLayout:
     clamp: str = "codes"
     head: str = "integer"
     weight_scale: str = "matched"
+    bias_scale: str = "product"
 
     def __post_init__(self) -> None:
         checks = {
@@ -105,6 +110,7 @@ class QdqLayout:
             "clamp": ("codes", "float"),
             "head": ("integer", "float"),
             "weight_scale": ("qtype", "matched"),
+            "bias_scale": ("stored", "product"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -117,7 +123,8 @@ class QdqLayout:
 
 LAYOUTS = {
     "ort": QdqLayout("ort"),
-    "tensorrt": QdqLayout("tensorrt", activations="int8", clamp="float", head="float", weight_scale="qtype"),
+    "tensorrt": QdqLayout("tensorrt", activations="int8", clamp="float", head="float", weight_scale="qtype",
+                          bias_scale="stored"),
 }
 
 
@@ -201,8 +208,8 @@ class _Builder:
     def node(self, op: str, inputs: Sequence[str], hint: str, domain: str = "", **attrs) -> str:
         from onnx import helper
 
-        out = self.fresh(hint)
-        self.nodes.append(helper.make_node(op, list(inputs), [out], name=self.fresh(f"{op}_{hint}"), domain=domain, **attrs))
+        out = self.fresh(hint)  # the node is named as its output (unique; Netron and ORT's profiles show it)
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, domain=domain, **attrs))
         return out
 
     # -- quantized values ----------------------------------------------------------------
@@ -387,18 +394,26 @@ class _Builder:
             inputs.append(self.const(f"{node.name}_w_zp", np.zeros(len(sw), dtype=np.int8)))
         return self.node("DequantizeLinear", inputs, f"{node.name}_w_dq", axis=0)
 
-    def _bias_dq(self, node: Node, bias: Optional[torch.Tensor], sxw: np.ndarray, zero_point: bool = False) -> Optional[str]:
+    def _bias_dq(self, node: Node, bias: Optional[torch.Tensor], x: _Q, sw: np.ndarray,
+                 zero_point: bool = False) -> Optional[str]:
+        """DequantizeLinear of the int32 bias at ``fl32(S_x) * S_w`` (float32, per channel): the
+        product stored, or computed from the two scales the input and weight DQs already hold."""
         if bias is None:
             return None
         bname = self.const(f"{node.name}_b", bias.numpy().astype(np.int32))
-        scale = self.const(f"{node.name}_b_scale", sxw.astype(np.float32))
+        sx = np.float32(x.scale)
+        if self.layout.bias_scale == "product":  # the same float32 product, as ONNX's Mul rounds it
+            scale = self.node("Mul", [self.const("scale", np.array(sx)), self.const(f"{node.name}_w_scale", sw)],
+                              f"{node.name}_b_scale")
+        else:
+            scale = self.const(f"{node.name}_b_scale", (sx * sw).astype(np.float32))
         inputs = [bname, scale]
         if zero_point:
-            inputs.append(self.const(f"{node.name}_b_zp", np.zeros(len(sxw), dtype=np.int32)))
+            inputs.append(self.const(f"{node.name}_b_zp", np.zeros(len(sw), dtype=np.int32)))
         return self.node("DequantizeLinear", inputs, f"{node.name}_b_dq", axis=0)
 
-    def _scales(self, node: Node, b: dict, x: _Q, out_qt: Optional[QType]) -> tuple[np.ndarray, np.ndarray]:
-        """(weight scales, S_x*S_w) as float32 arrays for a weighted op."""
+    def _scales(self, node: Node, b: dict, x: _Q, out_qt: Optional[QType]) -> np.ndarray:
+        """The weight scales of a weighted op as a float32 array (per output channel)."""
         w_node = b["w"]
         w = self.tensor(w_node)
         wq = self.qtype(w_node)
@@ -424,8 +439,7 @@ class _Builder:
             bound = self.acc_bounds(x, w, self.tensor(b["bias"]))
             lo, hi = int(b["lo"]), int(b["hi"])
             sw32 = match_conv_scales(x.scale, sy, m, s, lo, hi, bound, start, stats=self.stats)
-        sxw = (np.float32(x.scale) * sw32).astype(np.float32)
-        return sw32, sxw
+        return sw32
 
     def _is_head(self, node: Node, b: dict) -> bool:
         return "bits" in b and int(b["bits"]) > 8
@@ -449,9 +463,9 @@ class _Builder:
         )
         if rq and self._is_head(node, b) and self.layout.head == "integer":
             return self.integer_head_conv(node, b, x, w, bias, attrs)
-        sw, sxw = self._scales(node, b, x, out_qt)
+        sw = self._scales(node, b, x, out_qt)
         inputs = [self.dq(x, node.name), self._weight_dq(node, w, sw)]
-        bdq = self._bias_dq(node, bias, sxw)
+        bdq = self._bias_dq(node, bias, x, sw)
         if bdq is not None:
             inputs.append(bdq)
         y = self.node("Conv", inputs, f"{node.name}_conv", **attrs)
@@ -480,17 +494,13 @@ class _Builder:
             xt = self.node("Transpose", [x.name], f"{node.name}_tmajor", perm=[0, 2, 1])
             wt = self.const(f"{node.name}_wt", np.ascontiguousarray(w.numpy().astype(np.int8)[:, :, 0].T))
             acc = self.node("MatMulInteger", [xt, wt, self.zp_const(zp, npdtype)], f"{node.name}_acc")
-            if bias is not None:
-                acc = self.node("Add", [acc, self.const(f"{node.name}_b", bias.numpy().astype(np.int32))], f"{node.name}_bias")
-            out = self.integer_requant(node, b, acc, cout, (cout,), self.acc_bounds(x, w, bias))
+            out = self.integer_requant(node, b, acc, cout, (cout,), self.acc_bounds(x, w, bias), bias)
             return replace(out, name=self.node("Transpose", [out.name], f"{node.name}_cmajor", perm=[0, 2, 1]))
         wname = self.const(f"{node.name}_w", w.numpy().astype(np.int8))
         acc = self.node("ConvInteger", [x.name, wname, self.zp_const(zp, npdtype)], f"{node.name}_acc", **attrs)
         nd = w.dim()
         cshape = (1, int(w.shape[0])) + (1,) * (nd - 2)
-        if bias is not None:
-            acc = self.node("Add", [acc, self.const(f"{node.name}_b", bias.numpy().astype(np.int32).reshape(cshape))], f"{node.name}_bias")
-        return self.integer_requant(node, b, acc, int(w.shape[0]), cshape, self.acc_bounds(x, w, bias))
+        return self.integer_requant(node, b, acc, int(w.shape[0]), cshape, self.acc_bounds(x, w, bias), bias)
 
     @staticmethod
     def acc_bounds(x: _Q, w: torch.Tensor, bias: Optional[torch.Tensor]) -> np.ndarray:
@@ -501,15 +511,18 @@ class _Builder:
             bound = bound + bias.to(torch.int64).abs().numpy()
         return bound
 
-    def integer_requant(self, node: Node, b: dict, acc: str, c: int, cshape, bounds: Optional[np.ndarray] = None) -> _Q:
-        """qpipe's requantization, exactly: ``clamp((acc*m + 2**(s-1)) >> s)`` per channel.
+    def integer_requant(self, node: Node, b: dict, acc: str, c: int, cshape, bounds: Optional[np.ndarray] = None,
+                        bias: Optional[torch.Tensor] = None) -> _Q:
+        """qpipe's requantization, exactly: ``clamp(((acc + bias)*m + 2**(s-1)) >> s)`` per channel.
 
         Where every channel's ``bounds * m + 2**(s-1)`` is below 2**53 (the lowering keeps the
         logits' pairs so) it is float64 ``floor(acc * (m / 2**s) + 1/2)``: the product, the sum and
         the floor are all exact there, and ORT runs it 5x faster than the int64 form. Otherwise
         int64: ``acc*m + 2**(s-1)`` shifted up by a multiple ``K * 2**s`` that makes it non-negative,
         so that ``Div`` (which truncates) is the floor, then ``K`` taken off again; without ``bounds``,
-        the floor is ``v - Mod(v, 2**s)`` divided."""
+        the floor is ``v - Mod(v, 2**s)`` divided. ``bounds`` (of ``acc + bias``) must cover the bias;
+        the float64 form folds ``bias * m / 2**s`` into its rounding offset (exact by the same bound:
+        both terms and their sum are multiples of ``2**-s`` below ``2**(53-s)``), one op fewer."""
         m = np.broadcast_to(self.tensor(b["m"]).numpy().astype(np.int64).reshape(-1), (c,))
         s = np.broadcast_to(self.tensor(b["s"]).numpy().astype(np.int64).reshape(-1), (c,))
         half = np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 0).astype(np.int64)
@@ -517,11 +530,15 @@ class _Builder:
         h = node.name
         products = None if bounds is None else [int(bd) * int(mc) + int(hf) for bd, mc, hf in zip(bounds, m, half)]
         elem, zp, npdtype, _, _ = self.code_type(lo, hi, int(b["bits"]))
-        if products is not None and max(products) < (1 << 53):
+        f64 = products is not None and max(products) < (1 << 53)
+        if bias is not None and not f64:
+            acc = self.node("Add", [acc, self.const(f"{h}_b", bias.numpy().astype(np.int32).reshape(cshape))], f"{h}_bias")
+        if f64:
             ratio = (m.astype(np.float64) * np.power(2.0, -s.astype(np.float64))).reshape(cshape)
+            offset = np.array(0.5) if bias is None else bias.numpy().astype(np.float64).reshape(cshape) * ratio + 0.5
             v = self.node("Cast", [acc], f"{h}_f64", to=self.TP.DOUBLE)
             v = self.node("Mul", [v, self.const(f"{h}_ratio", ratio)], f"{h}_mul")
-            v = self.node("Floor", [self.node("Add", [v, self.const("half_f64", np.array(0.5))], f"{h}_round")], f"{h}_floor")
+            v = self.node("Floor", [self.node("Add", [v, self.const(f"{h}_offset", offset)], f"{h}_round")], f"{h}_floor")
             bounds_ = [self.const("lo_f64", np.array(float(lo))), self.const("hi_f64", np.array(float(hi)))]
             wide = np.float64
         elif products is None:
@@ -563,11 +580,8 @@ class _Builder:
             npdtype = {self.TP.UINT8: np.uint8, self.TP.INT8: np.int8}[x.elem]
             wt = self.const(f"{node.name}_wt", np.ascontiguousarray(w.numpy().astype(np.int8).T))
             acc = self.node("MatMulInteger", [x.name, wt, self.zp_const(x.zp, npdtype)], f"{node.name}_acc")
-            cout = int(w.shape[0])
-            if bias is not None:
-                acc = self.node("Add", [acc, self.const(f"{node.name}_b", bias.numpy().astype(np.int32))], f"{node.name}_bias")
-            return self.integer_requant(node, b, acc, cout, (cout,), self.acc_bounds(x, w, bias))
-        sw, sxw = self._scales(node, b, x, out_qt)
+            return self.integer_requant(node, b, acc, int(w.shape[0]), (int(w.shape[0]),), self.acc_bounds(x, w, bias), bias)
+        sw = self._scales(node, b, x, out_qt)
         val = b["x"].meta.get("val")
         nd = val.dim() if isinstance(val, torch.Tensor) else 2
         src = x
@@ -576,7 +590,7 @@ class _Builder:
             flat = self.node("Reshape", [x.name, self.const("flat", np.array([-1, int(w.shape[1])], np.int64))], f"{node.name}_2d")
             src = replace(x, name=flat)
         inputs = [self.dq(src, node.name), self._weight_dq(node, w, sw, zero_point=True)]
-        bdq = self._bias_dq(node, bias, sxw, zero_point=True)
+        bdq = self._bias_dq(node, bias, src, sw, zero_point=True)
         if bdq is not None:
             inputs.append(bdq)
         y = self.node("Gemm", inputs, f"{node.name}_gemm", transB=1)

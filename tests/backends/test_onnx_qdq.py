@@ -79,9 +79,18 @@ def test_ort_layout_passes_the_checker_fuses_every_conv_and_add_and_matches_the_
     assert out_dims[0] == "B" and out_dims[1] == "T" and out_dims[2] == 6
     assert out.type.tensor_type.elem_type == onnx.TensorProto.INT16 and info.output_integer
 
+    # an int32 bias's scale S_x*S_w is a Mul of the two scales already stored, not a third float32 per channel
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {n.output[0]: n for n in model.graph.node}
+    bias_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and inits[n.input[0]].data_type == onnx.TensorProto.INT32]
+    assert bias_dqs and all(producers[n.input[1]].op_type == "Mul" for n in bias_dqs)
+    assert len({n.name for n in model.graph.node}) == len(model.graph.node)
+
     runner, ops = _optimized(info, tmp_path)
     convs, adds = _ops(gm, "conv1d_rq"), _ops(gm, "add_requant")
     assert len(convs) == 5 and len(adds) == 1
+    assert ops["Mul"] <= 1, ops  # ORT folded the scale products (the one left is the head's requant)
     # every 8-bit conv is a QLinearConv, the 16-bit pointwise head a MatMulInteger; no float conv, add or
     # dequantize left, and no Clip of 8-bit codes (the reference's clamps are the QuantizeLinears' saturation)
     assert ops["QLinearConv"] == len(convs) - 1 and ops["MatMulInteger"] == 1 and ops["ConvInteger"] == 0, ops
