@@ -123,6 +123,39 @@ def qlinear_u8_ok() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def qlinear_s8_fast() -> bool:
+    """Whether oneDNN runs int8 (s8 x s8) activations with a real kernel on this CPU.
+
+    Measured on an AMD EPYC (Zen 4, AVX-512 VNNI): oneDNN dispatches s8 x s8 matmuls
+    against its u8-packed weights to ``ref_int8:any``, 5-8x slower than the u8 x s8 brgemm
+    (the demo QuartzNet ran 2.7 s a call instead of a few ms); on an Intel Xeon both are
+    brgemm. A timing probe, since oneDNN does not say which kernel it picked."""
+    if not qlinear_ok():
+        return False
+    try:
+        import time
+
+        g = torch.Generator().manual_seed(2)
+        w = torch.randint(-127, 128, (256, 256), generator=g, dtype=torch.int8)
+        xs = torch.randint(-128, 128, (512, 256), generator=g, dtype=torch.int8)
+        xu = torch.randint(0, 256, (512, 256), generator=g, dtype=torch.uint8)
+        q = QLinear(w)
+
+        def best(x: Tensor) -> float:
+            q(x)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                q(x)
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        return best(xs) < 2.5 * best(xu)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @contextlib.contextmanager
 def ieee_fp32():
     """fp32 convolutions in IEEE single precision for the duration (no bf16/tf32 shortcuts)."""
@@ -196,16 +229,19 @@ class F64MM:
         return (x.to(torch.float64) @ self.wt).to(torch.int64)
 
 
-def make_gemm(w: Tensor, bound: int):
+def make_gemm(w: Tensor, bound: int, x_unsigned: bool = False):
     """The fastest exact GEMM for accumulators below ``bound`` (of an int8 input, or a uint8 one shifted).
 
     ``gemm.takes_u8``: it may also take uint8 codes as they are (oneDNN's native u8 x s8),
     proven exact for this weight (``sum|w| * 255 < 2**24``); else a uint8 input is shifted.
+    Where oneDNN has no fast s8 x s8 kernel (:func:`qlinear_s8_fast`), only a uint8 input that
+    goes in as it is takes oneDNN; an int8 (or shifted) one takes ``torch._int_mm``.
     """
     if bound < F32_EXACT and qlinear_ok():
         g = QLinear(w)
         g.takes_u8 = weight_bound(w, 8, True) < F32_EXACT and qlinear_u8_ok()
-        return g, "onednn-qlinear"
+        if (x_unsigned and g.takes_u8) or qlinear_s8_fast():
+            return g, "onednn-qlinear"
     if bound < I32_EXACT:
         return IntMM(w), "int_mm"
     return F64MM(w), "f64-matmul"
@@ -324,7 +360,7 @@ class Conv:
         corr = None
         if pointwise:
             # a uint8 input is shifted to int8 first: the GEMM's bound is the signed one
-            self.gemm, self.kind = make_gemm(w[:, :, 0], weight_bound(w, 8))
+            self.gemm, self.kind = make_gemm(w[:, :, 0], weight_bound(w, 8), self.x_unsigned)
             corr = shift_correction(w[:, :, 0]) if self.gemm.int8_only else None
         elif self.bound < F32_EXACT:
             self.kind = "f32-conv-cl"
@@ -394,7 +430,7 @@ class Linear:
         w = a["w"]
         self.n = w.shape[0]
         # an 8-bit input (a uint8 one shifted to int8 first) is bounded by sum|w| * 128
-        self.gemm, self.kind = make_gemm(w, weight_bound(w, 8)) if x_bits <= 8 else (F64MM(w), "f64-matmul")
+        self.gemm, self.kind = make_gemm(w, weight_bound(w, 8), bool(x_unsigned)) if x_bits <= 8 else (F64MM(w), "f64-matmul")
         corr = shift_correction(w) if self.gemm.int8_only else None
         bias = a.get("bias")
         if fused:
