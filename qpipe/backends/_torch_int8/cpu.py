@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from typing import Any, Optional
 
 import torch
@@ -134,8 +135,6 @@ def qlinear_s8_fast() -> bool:
     if not qlinear_ok():
         return False
     try:
-        import time
-
         g = torch.Generator().manual_seed(2)
         w = torch.randint(-127, 128, (256, 256), generator=g, dtype=torch.int8)
         xs = torch.randint(-128, 128, (512, 256), generator=g, dtype=torch.int8)
@@ -238,9 +237,10 @@ def make_gemm(w: Tensor, bound: int, x_unsigned: bool = False):
     goes in as it is takes oneDNN; an int8 (or shifted) one takes ``torch._int_mm``.
     """
     if bound < F32_EXACT and qlinear_ok():
-        g = QLinear(w)
-        g.takes_u8 = weight_bound(w, 8, True) < F32_EXACT and qlinear_u8_ok()
-        if (x_unsigned and g.takes_u8) or qlinear_s8_fast():
+        takes_u8 = weight_bound(w, 8, True) < F32_EXACT and qlinear_u8_ok()
+        if (x_unsigned and takes_u8) or qlinear_s8_fast():  # decided before oneDNN prepacks the weight
+            g = QLinear(w)
+            g.takes_u8 = takes_u8
             return g, "onednn-qlinear"
     if bound < I32_EXACT:
         return IntMM(w), "int_mm"
