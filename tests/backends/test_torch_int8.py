@@ -118,6 +118,34 @@ def test_conv1d_rq_is_bit_exact_with_the_reference(ext, layer):
 
 
 @pytest.mark.parametrize("ext", EXTS)
+@SETTINGS
+@given(data=st.data())
+def test_dilated_conv1d_runs_as_undilated_phases_and_stays_exact(ext, data):
+    """QuartzNet's dilated depthwise layer (k=87, dilation 2) runs as d undilated convs over the time phases."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    d, k = data.draw(st.integers(2, 4)), data.draw(st.integers(2, 9))  # k = 1: a pointwise GEMM
+    c = data.draw(st.integers(1, 24))
+    groups = data.draw(st.sampled_from([1, c]))
+    co = c if groups == c else data.draw(st.integers(1, 12))
+    q = data.draw(st.integers(0, k))  # padding d*q: 'same' for q = (k-1)/2, shorter or longer otherwise
+    t = data.draw(st.integers(max(1, d * (k - 1) + 1 - 2 * d * q), 41))  # any t, a multiple of d or not
+    b = data.draw(st.integers(1, 3))
+    x = _codes(data.draw, (b, c, t), g).transpose(1, 2).contiguous().transpose(1, 2)  # channels-last storage
+    w = torch.randint(-127, 128, (co, c // groups, k), generator=g, dtype=torch.int8)
+    bias = torch.randint(-(2**20), 2**20, (co,), generator=g, dtype=torch.int32) if data.draw(st.booleans()) else None
+    a = dict(w=w, bias=bias, stride=[1], padding=[d * q], dilation=[d], groups=groups, **_rq_args(data.draw, co))
+    k_rq = cpu.Conv(ext, a, 8, fused=True, x_unsigned=x.dtype == torch.uint8)
+    assert k_rq.kind == "f32-conv-cl" and k_rq.phases == d
+    want = _reference(torch.ops.qpipe.conv1d_rq, x, a)
+    got = k_rq(x)
+    assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    assert got.transpose(1, 2).is_contiguous()  # channels-last out, as every other convolution
+    a_acc = dict(w=w, bias=bias, stride=[1], padding=[d * q], dilation=[d], groups=groups, acc_bits=32)
+    want = torch.ops.qpipe.conv1d_acc(x, w, bias, [1], [d * q], [d], groups, 32)
+    assert torch.equal(cpu.Conv(ext, a_acc, 8, fused=False)(x), want)
+
+
+@pytest.mark.parametrize("ext", EXTS)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
 @pytest.mark.parametrize("lo,hi", [(-128, 127), (0, 255), (0, 127)])
 def test_pointwise_and_depthwise_at_the_extreme_codes(ext, dtype, lo, hi):

@@ -368,9 +368,12 @@ class Conv:
             if self.dims == 1:
                 w4 = w4.unsqueeze(2)
             self.w4 = w4.contiguous(memory_format=torch.channels_last)
+            self.phases = dilation_phases(self.dims, self.stride, self.padding, self.dilation)
+            pd = [p // self.phases for p in self.padding]
+            dl = [1] if self.phases > 1 else self.dilation
             self.st = [1, *self.stride] if self.dims == 1 else self.stride
-            self.pd = [0, *self.padding] if self.dims == 1 else self.padding
-            self.dl = [1, *self.dilation] if self.dims == 1 else self.dilation
+            self.pd = [0, *pd] if self.dims == 1 else self.padding
+            self.dl = [1, *dl] if self.dims == 1 else self.dilation
             if self.bound_u8 >= F32_EXACT:  # a uint8 call would not be exact in fp32: float64 then
                 self.w64 = w.to(torch.float64)
         else:
@@ -410,6 +413,8 @@ class Conv:
                 out = self.post(self.gemm(rows), shifted)
                 return out.view(b, t, self.co).transpose(1, 2)
             xf = x.transpose(1, 2)
+            if self.phases > 1:
+                return self._call_phases(xf)
             if xf.dtype != torch.float32 or not xf.is_contiguous():
                 xf = torch.empty((b, t, c), dtype=torch.float32).copy_(xf)
             x4 = xf.view(b, 1, t, c).permute(0, 3, 1, 2)
@@ -421,6 +426,36 @@ class Conv:
         out = self.post(acc.permute(0, 2, 3, 1).reshape(n * h * wd, co))
         out = out.view(n, h, wd, co).permute(0, 3, 1, 2)
         return out[:, :, 0, :] if self.dims == 1 else out
+
+    def _call_phases(self, xf: Tensor) -> Tensor:
+        """A dilated stride-1 conv1d as an undilated one over each of the ``d`` time phases.
+
+        oneDNN has no fast kernel for a dilated depthwise conv (QuartzNet's k=87,
+        dilation 2 layer: 117 ms against 0.4 ms undilated here); with ``pad = d*q``,
+        ``y[d*u + p] = sum_k w[k] x[d*(u + k - q) + p]``, so phase ``p`` of the output is
+        the undilated conv (padding ``q``) of phase ``p`` of the input. The same
+        products and sums: exact as the direct call.
+        """
+        b, t, c = xf.shape
+        d = self.phases
+        tp = -(-t // d) * d  # zero frames past the end are what the padding holds anyway
+        xs = torch.zeros((b, tp, c), dtype=torch.float32)
+        xs[:, :t].copy_(xf)
+        xs = xs.view(b, tp // d, d, c).transpose(1, 2).contiguous()  # (b, d, tp/d, c)
+        acc = torch.nn.functional.conv2d(xs.permute(0, 3, 1, 2), self.w4, None, self.st, self.pd, self.dl, self.groups)
+        acc = acc.contiguous(memory_format=torch.channels_last)
+        n, co, _, length = acc.shape
+        out = self.post(acc.permute(0, 2, 3, 1).reshape(n * d * length, co))  # per-column: row order is free
+        tout = t + 2 * self.padding[0] - self.dilation[0] * (self.w4.shape[-1] - 1)
+        out = out.view(n, d, length, co).transpose(1, 2).reshape(n, length * d, co)[:, :tout]
+        return out.contiguous().transpose(1, 2)
+
+
+def dilation_phases(dims: int, stride: list[int], padding: list[int], dilation: list[int]) -> int:
+    """``d`` where a conv1d of dilation ``d > 1`` runs as ``d`` undilated ones (stride 1, padding a multiple of d); else 1."""
+    if dims == 1 and stride == [1] and dilation[0] > 1 and padding[0] % dilation[0] == 0:
+        return dilation[0]
+    return 1
 
 
 class Linear:
