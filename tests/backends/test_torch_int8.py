@@ -135,7 +135,10 @@ def test_dilated_conv1d_runs_as_undilated_phases_and_stays_exact(ext, data):
     bias = torch.randint(-(2**20), 2**20, (co,), generator=g, dtype=torch.int32) if data.draw(st.booleans()) else None
     a = dict(w=w, bias=bias, stride=[1], padding=[d * q], dilation=[d], groups=groups, **_rq_args(data.draw, co))
     k_rq = cpu.Conv(ext, a, 8, fused=True, x_unsigned=x.dtype == torch.uint8)
-    assert k_rq.kind == "f32-conv-cl" and k_rq.phases == d
+    if k_rq.kind == "dw-vnni":  # a depthwise layer where the C++ kernels have AVX-512 VNNI: dilation in the kernel
+        assert ext is not None and groups == c == co
+    else:
+        assert k_rq.kind == "f32-conv-cl" and k_rq.phases == d
     want = _reference(torch.ops.qpipe.conv1d_rq, x, a)
     got = k_rq(x)
     assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
@@ -507,6 +510,49 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi):
     want = torch.ops.qpipe.conv1d_rq(xc, small.unsqueeze(2), None, m, s, [1], [0], [1], 1, lo, hi, 8)
     got = k2(xc)
     assert got.dtype == want.dtype and torch.equal(got, want), (gemm, k2.kind, getattr(k2.gemm, "takes_u8", None))
+
+
+VNNI = EXT is not None and EXT.dw_vnni_available()
+
+
+@pytest.mark.skipif(not VNNI, reason="the C++ kernels have no AVX-512 VNNI here")
+@SETTINGS
+@given(data=st.data())
+def test_vnni_depthwise_conv1d_is_bit_exact_fused_and_not(data):
+    """``dw-vnni``: QuartzNet-sized depthwise layers (channels across 64-blocks, up to 90 taps, strides,
+    dilations, paddings) on int8 / uint8 codes at the extremes, requantized in the kernel (``f32=True``),
+    after it (dyadic), or left as accumulators; against the reference ops."""
+    from qpipe.ir.ops.kernels import f32_multiplier
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    c = data.draw(st.sampled_from([1, 5, 63, 64, 65, 130]))
+    k = data.draw(st.integers(1, 90))
+    stride, dil = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    pad = data.draw(st.integers(0, dil * (k - 1) // 2 + 2))
+    t = data.draw(st.integers(max(1, dil * (k - 1) + 1 - 2 * pad), 300))
+    b = data.draw(st.integers(1, 2))
+    x = _codes(data.draw, (b, c, t), g).transpose(1, 2).contiguous().transpose(1, 2)
+    w = torch.randint(-127, 128, (c, 1, k), generator=g, dtype=torch.int8)
+    if data.draw(st.booleans()):
+        w = torch.where(w >= 0, torch.full_like(w, 127), torch.full_like(w, -127))
+    bias = torch.randint(-(2**24), 2**24, (c,), generator=g, dtype=torch.int32) if data.draw(st.booleans()) else None
+    geo = dict(w=w, bias=bias, stride=[stride], padding=[pad], dilation=[dil], groups=c)
+    f32 = data.draw(st.booleans())
+    rq = _rq_args(data.draw, c)
+    if f32:
+        pairs = [f32_multiplier(r) for r in data.draw(st.lists(st.floats(1e-7, 0.5), min_size=rq["m"].numel(),
+                                                                 max_size=rq["m"].numel()))]
+        rq = dict(rq, m=torch.tensor([p[0] for p in pairs]), s=torch.tensor([p[1] for p in pairs]))
+    a = dict(geo, **rq, f32=f32)
+    want = torch.ops.qpipe.conv1d_rq(x, w, bias, a["m"], a["s"], [stride], [pad], [dil], c, a["lo"], a["hi"], a["bits"], f32)
+    kern = cpu.Conv(EXT, a, 8, fused=True, x_unsigned=x.dtype == torch.uint8)
+    assert kern.kind == "dw-vnni" and kern.vnni_fused == f32
+    got = kern(x)
+    assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (c, k, stride, dil, pad, x.dtype)
+    assert got.transpose(1, 2).is_contiguous()  # channels-last out
+    acc = cpu.Conv(EXT, dict(geo, acc_bits=32), 8, fused=False)
+    assert acc.kind == "dw-vnni"
+    assert torch.equal(acc(x), torch.ops.qpipe.conv1d_acc(x, w, bias, [stride], [pad], [dil], c, 32))
 
 
 @pytest.mark.skipif(EXT is None, reason="no C++ kernels here")

@@ -20,7 +20,12 @@ Why each kernel is exact:
   int8 x int8 only) it goes in as the int8 ``x - 128`` (one XOR with 0x80) and
   ``128 * sum_k w[c, k]`` is added to channel ``c``'s int64 bias, an exact integer
   identity, which bounds the accumulators by ``128 * sum_k |w[c, k]|`` as for int8.
-* every other convolution (depthwise above all): fp32 ``conv2d`` on channels-last
+* depthwise conv1d, where the C++ kernels have AVX-512 VNNI: ``dw_conv1d_vnni`` multiplies
+  the 8-bit codes themselves (u8 x s8 into int32, exact below 2**31; an int8 input read as
+  ``x + 128``, ``128 * sum_k w`` taken off with the bias) and requantizes in the kernel when the
+  layer's requant is float32-faithful (1.5-1.8x oneDNN's fp32 conv + requant on QuartzNet's
+  layers at batch 1 and 8; oneDNN's fp32 depthwise was the program's largest cost).
+* every other convolution: fp32 ``conv2d`` on channels-last
   input, which runs oneDNN's direct kernels; with ``bound < 2**24`` every product
   and partial sum is an exact fp32 integer in any summation order (``max|x|`` is 128
   for int8, 255 for uint8). fp32 precision is
@@ -358,7 +363,19 @@ class Conv:
             and x_bits <= 8
         )
         corr = None
-        if pointwise:
+        depthwise = (
+            self.dims == 1 and self.groups == self.co == w.shape[0] and w.shape[1] == 1 and x_bits <= 8
+            and ext is not None and hasattr(ext, "dw_vnni_available") and ext.dw_vnni_available()
+            and self.bound_u8 < I32_EXACT
+        )
+        if depthwise:
+            # AVX-512 VNNI on the 8-bit codes themselves (u8 x s8): an int8 input goes in as x + 128,
+            # so its accumulator holds 128 * sum_k w more, taken off with the bias (``corr``)
+            self.kind, self.ext = "dw-vnni", ext
+            self.w_vnni, self.k = vnni_depthwise_weight(w), int(w.shape[2])
+            corr = -shift_correction(w)
+            self.w64 = w.to(torch.float64)  # an input that is not 8-bit codes (never in a planned program)
+        elif pointwise:
             # a uint8 input is shifted to int8 first: the GEMM's bound is the signed one
             self.gemm, self.kind = make_gemm(w[:, :, 0], weight_bound(w, 8), self.x_unsigned)
             corr = shift_correction(w[:, :, 0]) if self.gemm.int8_only else None
@@ -386,7 +403,14 @@ class Conv:
             self.post = Widen(self.co, bias, a["acc_bits"], corr)
         # exact fp32 integers may travel between layers (no int8 -> fp32 copy before a convolution)
         self.takes_f32 = self.kind == "f32-conv-cl" and self.dims == 1
-        self.can_emit_f32 = fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None
+        self.can_emit_f32 = (
+            fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None and self.kind != "dw-vnni"
+        )
+        # the float32-faithful requant runs inside the VNNI kernel: its int32 accumulators never reach memory
+        p = self.post
+        self.vnni_fused = (
+            self.kind == "dw-vnni" and isinstance(p, Requant) and p.mult is not None and p.ext is not None and p.small_bias
+        )
 
     @property
     def emit_f32(self) -> bool:
@@ -397,7 +421,11 @@ class Conv:
         self.post.emit_f32 = bool(on) and self.can_emit_f32
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.kind == "f64-conv" or (self.kind == "f32-conv-cl" and x.dtype == torch.uint8 and self.bound_u8 >= F32_EXACT):
+        if self.kind == "dw-vnni" and x.dtype in (torch.int8, torch.uint8):
+            return self._call_vnni(x)
+        if self.kind in ("f64-conv", "dw-vnni") or (
+            self.kind == "f32-conv-cl" and x.dtype == torch.uint8 and self.bound_u8 >= F32_EXACT
+        ):
             fn = torch.nn.functional.conv1d if self.dims == 1 else torch.nn.functional.conv2d
             acc = fn(x.to(torch.float64), self.w64, None, self.stride, self.padding, self.dilation, self.groups)
             nd = acc.dim()
@@ -427,6 +455,20 @@ class Conv:
         out = out.view(n, h, wd, co).permute(0, 3, 1, 2)
         return out[:, :, 0, :] if self.dims == 1 else out
 
+    def _call_vnni(self, x: Tensor) -> Tensor:
+        """Depthwise conv1d on the 8-bit codes (``dw_conv1d_vnni``), requantized in the kernel where it can be."""
+        xt = x.transpose(1, 2)
+        xt = xt if xt.is_contiguous() else xt.contiguous()
+        shifted = x.dtype == torch.int8  # the kernel reads int8 codes as x + 128
+        ext, p, geo = self.ext, self.post, (self.k, self.stride[0], self.padding[0], self.dilation[0])
+        if self.vnni_fused:
+            bias = p.bias_shifted if shifted else p.bias
+            out = ext.dw_conv1d_vnni(xt, self.w_vnni, *geo, bias, p.mult, p.lo, p.hi, out_code(p.dtype))
+            return out.transpose(1, 2)
+        acc = ext.dw_conv1d_vnni(xt, self.w_vnni, *geo, _NO_BIAS, _NO_MULT, 0, 0, 0)
+        b, t, c = acc.shape
+        return self.post(acc.view(b * t, c), shifted).view(b, t, c).transpose(1, 2)
+
     def _call_phases(self, xf: Tensor) -> Tensor:
         """A dilated stride-1 conv1d as an undilated one over each of the ``d`` time phases.
 
@@ -449,6 +491,22 @@ class Conv:
         tout = t + 2 * self.padding[0] - self.dilation[0] * (self.w4.shape[-1] - 1)
         out = out.view(n, d, length, co).transpose(1, 2).reshape(n, length * d, co)[:, :tout]
         return out.contiguous().transpose(1, 2)
+
+
+_NO_BIAS = torch.empty(0, dtype=torch.int64)
+_NO_MULT = torch.empty(0, dtype=torch.float32)
+
+
+def vnni_depthwise_weight(w: Tensor) -> Tensor:
+    """A depthwise weight (C, 1, K) in ``dw_conv1d_vnni``'s order: int8 (ceil(C/64), ceil(K/4), 4 j, 4 L, 4 i, 4 taps).
+
+    Channel ``64*cb + 16L + 4j + i``, taps ``4kq..4kq+3``; zeros past C and past K (the
+    kernel's register layout after its byte/word unpacks, see the C++ comment)."""
+    c, _, k = w.shape
+    kq, ncb = -(-k // 4), -(-c // 64)
+    wp = torch.zeros(ncb * 64, 4 * kq, dtype=torch.int8)
+    wp[:c, :k] = w[:, 0]
+    return wp.view(ncb, 4, 4, 4, kq, 4).permute(0, 4, 2, 1, 3, 5).contiguous()
 
 
 def dilation_phases(dims: int, stride: list[int], padding: list[int], dilation: list[int]) -> int:

@@ -20,6 +20,9 @@
 #include <cmath>
 #include <tuple>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -337,8 +340,184 @@ std::tuple<torch::Tensor, int64_t> quantize_cl(torch::Tensor x, double scale, in
   return {out, special.load()};
 }
 
+// Depthwise conv1d on 8-bit codes with AVX-512 VNNI (vpdpbusd: u8 x s8, four products per
+// int32 lane, summed without saturation): int32 accumulators, exact while 255 * sum_k |w| < 2**31.
+// x: int8 or uint8 (B, T, C) contiguous (channels-last). A uint8 input goes in as it is; an int8
+// one as the uint8 x + 128 (XOR 0x80), so the accumulator holds 128 * sum_k w[k, c] more, which
+// the caller folds into the bias it passes (padding holds the shifted zero, 128).
+//
+// Output: with an empty ``mult`` (and ``bias``), the int32 accumulators (B, Tout, C);
+// with a float32 ``mult`` (C), the float32-faithful requantization fused in (rq_f32_row's
+// arithmetic: the exact double acc + bias rounded once to float32, one IEEE float32 multiply,
+// round half to even, clamp), written as out_code 8 / -8 / 16 (int8 / uint8 / int16). Fusing
+// it means the int32 accumulators never reach memory: at batch 8 the unfused kernel spent more
+// time storing them than multiplying.
+//
+// Per 64 channels and a tile of output times the taps are first packed in fours, Q[r] = (xp[r],
+// xp[r+d], xp[r+2d], xp[r+3d]) per channel (xp the padded input), so that output t is the sum over
+// kq of dot4(Q[t*stride + 4*d*kq], w[taps 4kq..4kq+3]). Packing 64 channels of 4 rows with
+// in-lane byte/word unpacks leaves register j holding, in 128-bit lane L, channels 16L + 4j + (0..3);
+// the weights (``w4``, built by the caller) come in that order: int8 (ncb, KQ, 4 j, 4 L, 4 i, 4 taps)
+// for channel 64*cb + 16L + 4j + i, zero past C and past the layer's K taps. The four accumulators
+// of one output time go back to channel order by a 4x4 transpose of 128-bit lanes. A work item is
+// one time tile of one batch row, all channel blocks in turn, so each output row is written whole
+// while its cache lines are hot.
+bool dw_vnni_available() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+namespace {
+inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1); }
+inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1)); }
+
+// acc[j] lane L = channels 16L + 4j + (0..3) -> out[L] = channels 16L + (0..15)
+inline void lanes_to_channels(const __m512i acc[4], __m512i out[4]) {
+  const __m512i t0 = _mm512_shuffle_i32x4(acc[0], acc[1], 0x44);  // a0 a1 b0 b1
+  const __m512i t1 = _mm512_shuffle_i32x4(acc[0], acc[1], 0xEE);  // a2 a3 b2 b3
+  const __m512i t2 = _mm512_shuffle_i32x4(acc[2], acc[3], 0x44);  // c0 c1 d0 d1
+  const __m512i t3 = _mm512_shuffle_i32x4(acc[2], acc[3], 0xEE);  // c2 c3 d2 d3
+  out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);  // a0 b0 c0 d0
+  out[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);  // a1 b1 c1 d1
+  out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);  // a2 b2 c2 d2
+  out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);  // a3 b3 c3 d3
+}
+
+// 16 channels: clamp(round_half_even(fl32(acc + bias) * mult), lo, hi) as int32 lanes.
+inline __m512i rq_f32_16(__m512i acc, const double* bias, const float* mult, __m512 lo, __m512 hi) {
+  const __m512d a0 = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(acc)), _mm512_loadu_pd(bias));
+  const __m512d a1 = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(acc, 1)), _mm512_loadu_pd(bias + 8));
+  const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a0)), _mm512_cvtpd_ps(a1), 1);
+  __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_loadu_ps(mult)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+  return _mm512_cvtps_epi32(r);
+}
+}  // namespace
+#endif
+
+torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64_t stride, int64_t pad, int64_t dil,
+                             torch::Tensor bias, torch::Tensor mult, int64_t lo, int64_t hi, int64_t out_code) {
+  TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 3 && x.is_contiguous(),
+              "dw_conv1d_vnni: x must be contiguous int8/uint8 (B,T,C)");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), ncb = (C + 63) / 64;
+  TORCH_CHECK(w4.dtype() == torch::kInt8 && w4.dim() == 6 && w4.size(0) == ncb && w4.size(2) == 4 && w4.size(3) == 4 &&
+                  w4.size(4) == 4 && w4.size(5) == 4 && w4.is_contiguous(),
+              "dw_conv1d_vnni: w4 must be int8 (ceil(C/64), KQ, 4, 4, 4, 4)");
+  const int64_t KQ = w4.size(1);
+  TORCH_CHECK(K >= 1 && K <= 4 * KQ && stride >= 1 && dil >= 1 && pad >= 0, "dw_conv1d_vnni: bad geometry");
+  const int64_t Tout = (T + 2 * pad - dil * (K - 1) - 1) / stride + 1;
+  TORCH_CHECK(Tout > 0, "dw_conv1d_vnni: empty output");
+  const bool fused = mult.numel() > 0;
+  TORCH_CHECK(bias.numel() == 0 || (fused && bias.dtype() == torch::kInt64 && bias.numel() == C),
+              "dw_conv1d_vnni: bias must be int64 (C), and only with a fused requant (else empty)");
+  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == C), "dw_conv1d_vnni: mult must be float32 (C) or empty");
+  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "dw_conv1d_vnni: fused output is int8, uint8 or int16");
+  auto out = torch::empty({B, Tout, C}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  constexpr int64_t TT = 128;  // output times per tile
+  constexpr int TBV = 6;       // output times in registers (4 x 6 accumulators + 4 weights)
+  const bool sgn = x.dtype() == torch::kInt8;
+  const uint8_t* xd = (const uint8_t*)x.data_ptr();
+  const int8_t* wd = w4.data_ptr<int8_t>();
+  // per channel, padded to whole blocks: the bias as double (exact: the caller keeps |bias| < 2**52) and the multiplier
+  std::vector<double> bd((size_t)(ncb * 64), 0.0);
+  std::vector<float> md((size_t)(ncb * 64), 0.f);
+  if (bias.numel()) {
+    const torch::Tensor bc = bias.contiguous();
+    const int64_t* b = bc.data_ptr<int64_t>();
+    for (int64_t c = 0; c < C; ++c) bd[c] = (double)b[c];
+  }
+  if (fused) {
+    const torch::Tensor mc = mult.contiguous();
+    const float* m = mc.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) md[c] = m[c];
+  }
+  const __m512 vlo = _mm512_set1_ps((float)lo), vhi = _mm512_set1_ps((float)hi);
+  char* od = (char*)out.data_ptr();
+  const int64_t osz = out.element_size();
+  const int64_t ntile = (Tout + TT - 1) / TT;
+  const int64_t qspan = 4 * dil * (KQ - 1);  // Q rows one output reaches past its first
+  const __m512i flip = _mm512_set1_epi8(sgn ? (char)0x80 : 0);  // also the (shifted) zero of the padding
+  at::parallel_for(0, B * ntile, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512i> qbuf((size_t)(4 * ((TT - 1) * stride + qspan + 1)));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / ntile, tile = i % ntile;
+      const int64_t t0 = tile * TT, nt = std::min<int64_t>(TT, Tout - t0);
+      const int64_t r0 = t0 * stride, nq = (nt - 1) * stride + qspan + 1;  // Q rows [r0, r0 + nq)
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        const int64_t c0 = cb * 64, nc = std::min<int64_t>(64, C - c0);
+        const __mmask64 cm = byte_mask(nc);
+        const uint8_t* xb = xd + b * T * C + c0;
+        for (int64_t q = 0; q < nq; ++q) {
+          __m512i v[4];
+          for (int j = 0; j < 4; ++j) {
+            const int64_t src = r0 + q + j * dil - pad;  // input time of padded row r0 + q + j*d
+            v[j] = (src >= 0 && src < T) ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(cm, xb + src * C), flip) : flip;
+          }
+          const __m512i ab_lo = _mm512_unpacklo_epi8(v[0], v[1]), ab_hi = _mm512_unpackhi_epi8(v[0], v[1]);
+          const __m512i cd_lo = _mm512_unpacklo_epi8(v[2], v[3]), cd_hi = _mm512_unpackhi_epi8(v[2], v[3]);
+          __m512i* qr = qbuf.data() + 4 * q;
+          qr[0] = _mm512_unpacklo_epi16(ab_lo, cd_lo);
+          qr[1] = _mm512_unpackhi_epi16(ab_lo, cd_lo);
+          qr[2] = _mm512_unpacklo_epi16(ab_hi, cd_hi);
+          qr[3] = _mm512_unpackhi_epi16(ab_hi, cd_hi);
+        }
+        const __m512i* wc = (const __m512i*)(wd + cb * KQ * 256);
+        __mmask16 sm[4];
+        for (int L = 0; L < 4; ++L) sm[L] = lane_mask(nc - 16 * L);
+        for (int64_t tb = 0; tb < nt; tb += TBV) {
+          const int nb = (int)std::min<int64_t>(TBV, nt - tb);
+          __m512i acc[TBV][4];
+          for (int u = 0; u < TBV; ++u)
+            for (int j = 0; j < 4; ++j) acc[u][j] = _mm512_setzero_si512();
+          for (int64_t kq = 0; kq < KQ; ++kq) {
+            const __m512i w0 = _mm512_loadu_si512(wc + 4 * kq), w1 = _mm512_loadu_si512(wc + 4 * kq + 1);
+            const __m512i w2 = _mm512_loadu_si512(wc + 4 * kq + 2), w3 = _mm512_loadu_si512(wc + 4 * kq + 3);
+            const __m512i* qk = qbuf.data() + 4 * (tb * stride + 4 * dil * kq);
+            for (int u = 0; u < TBV; ++u) {
+              if (u < nb) {
+                const __m512i* qu = qk + 4 * u * stride;
+                acc[u][0] = _mm512_dpbusd_epi32(acc[u][0], _mm512_loadu_si512(qu), w0);
+                acc[u][1] = _mm512_dpbusd_epi32(acc[u][1], _mm512_loadu_si512(qu + 1), w1);
+                acc[u][2] = _mm512_dpbusd_epi32(acc[u][2], _mm512_loadu_si512(qu + 2), w2);
+                acc[u][3] = _mm512_dpbusd_epi32(acc[u][3], _mm512_loadu_si512(qu + 3), w3);
+              }
+            }
+          }
+          for (int u = 0; u < nb; ++u) {
+            __m512i o[4];
+            lanes_to_channels(acc[u], o);
+            const int64_t row = (b * Tout + t0 + tb + u) * C + c0;  // element index of channel c0
+            for (int L = 0; L < 4; ++L) {
+              if (!sm[L]) continue;
+              const int64_t c = c0 + 16 * L;
+              if (!fused) {
+                _mm512_mask_storeu_epi32(od + (row + 16 * L) * 4, sm[L], o[L]);
+                continue;
+              }
+              const __m512i r = rq_f32_16(o[L], bd.data() + c, md.data() + c, vlo, vhi);
+              if (osz == 1) _mm512_mask_cvtepi32_storeu_epi8(od + (row + 16 * L), sm[L], r);
+              else _mm512_mask_cvtepi32_storeu_epi16(od + (row + 16 * L) * 2, sm[L], r);
+            }
+          }
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "dw_conv1d_vnni: built without AVX-512 VNNI");
+#endif
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8/uint8");
+  mod.def("dw_vnni_available", &dw_vnni_available, "built with AVX-512 VNNI (dw_conv1d_vnni works)");
+  mod.def("dw_conv1d_vnni", &dw_conv1d_vnni, "depthwise conv1d, 8-bit codes, int32 out or fused f32 requant (AVX-512 VNNI)");
   mod.def("requant_cols", &requant_cols, "per-column dyadic requant of an fp32/int32 accumulator");
   mod.def("requant_f32_cols", &requant_f32_cols, "per-column float32-faithful requant of an fp32/int32 accumulator");
   mod.def("quantize_cl", &quantize_cl, "input quantizer, channels-last out");
