@@ -296,7 +296,7 @@ def test_folder_round_trip_is_bit_exact_and_loads_with_weights_only(tiny_int):
     qm = open_folder(out)
     assert qm.meta["target"] == "torch-int8"
     kinds = collections.Counter(qm.runner.program.kernels.values())
-    assert any(k.startswith(("onednn-qlinear", "int_mm")) for k in kinds), kinds  # the pointwise convs are GEMMs
+    assert any(k.startswith(("pw-vnni", "onednn-qlinear", "int_mm")) for k in kinds), kinds  # the pointwise convs are GEMMs
     assert any(k.startswith("f32-conv-cl") for k in kinds), kinds  # depthwise + the k=3 conv
     g = torch.Generator().manual_seed(1)
     for b, t in ((1, 32), (3, 57), (2, 200)):
@@ -473,8 +473,10 @@ def test_a_program_over_uint8_relu_outputs_is_bit_exact(ext):
 @pytest.mark.parametrize("ext", EXTS)
 @pytest.mark.parametrize("gemm", ["chosen", "qlinear-shifted", "int_mm", "f64"])
 @pytest.mark.parametrize("lo,hi", [(-128, 127), (0, 255)])
-def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi):
-    """A uint8 input on each GEMM: as it is (oneDNN u8 x s8, f64) or shifted to x - 128 with the bias corrected."""
+def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
+    """A uint8 input on each GEMM: as it is (VNNI, oneDNN u8 x s8, f64) or shifted to x - 128 with the bias corrected."""
+    if gemm != "chosen":  # a GEMM swapped in after the choice: the bias correction must be the non-VNNI one
+        monkeypatch.setattr(cpu, "vnni_ok", lambda ext: False)
     g = torch.Generator().manual_seed(13)
     ci, co = 600, 24  # all-extreme weights: sum|w| * 128 < 2**24 <= sum|w| * 255 in the first channels
     w = torch.randint(-127, 128, (co, ci), generator=g, dtype=torch.int8)
@@ -486,7 +488,9 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi):
     x[0, :5] = 255
     x[1, :5] = 0
     k = cpu.Linear(ext, dict(w=w, bias=bias, m=m, s=s, lo=lo, hi=hi, bits=8), 8, fused=True, x_unsigned=True)
-    if gemm == "chosen" and cpu.qlinear_ok():
+    if gemm == "chosen" and cpu.vnni_ok(ext):
+        assert k.kind == "pw-vnni", k.kind  # u8 x s8 on the codes as they are, exact below 2**31
+    elif gemm == "chosen" and cpu.qlinear_ok():
         # 255 * sum|w| >= 2**24: shifted to int8, which oneDNN runs well on some CPUs only (else _int_mm)
         assert k.kind == ("onednn-qlinear" if cpu.qlinear_s8_fast() else "int_mm"), k.kind
         assert getattr(k.gemm, "takes_u8", False) is False
@@ -553,6 +557,44 @@ def test_vnni_depthwise_conv1d_is_bit_exact_fused_and_not(data):
     acc = cpu.Conv(EXT, dict(geo, acc_bits=32), 8, fused=False)
     assert acc.kind == "dw-vnni"
     assert torch.equal(acc(x), torch.ops.qpipe.conv1d_acc(x, w, bias, [stride], [pad], [dil], c, 32))
+
+
+@pytest.mark.skipif(not VNNI, reason="the C++ kernels have no AVX-512 VNNI here")
+@SETTINGS
+@given(data=st.data())
+def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
+    """``pw-vnni``: pointwise convs and linears with rows, K and N off the kernel's 4-row, 4-byte and
+    64-column blocks, int8 / uint8 codes at the extremes, requantized in the kernel (``f32=True``),
+    after it (dyadic), or left as accumulators; against the reference ops."""
+    from qpipe.ir.ops.kernels import f32_multiplier
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    k, n = data.draw(st.integers(1, 300)), data.draw(st.sampled_from([1, 7, 63, 64, 65, 130, 200]))
+    b, t = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 70))
+    x = _codes(data.draw, (b, k, t), g).transpose(1, 2).contiguous().transpose(1, 2)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    if data.draw(st.booleans()):
+        w = torch.where(w >= 0, torch.full_like(w, 127), torch.full_like(w, -127))
+    bias = torch.randint(-(2**24), 2**24, (n,), generator=g, dtype=torch.int32) if data.draw(st.booleans()) else None
+    f32 = data.draw(st.booleans())
+    rq = _rq_args(data.draw, n)
+    if f32:
+        pairs = [f32_multiplier(r) for r in data.draw(st.lists(st.floats(1e-7, 0.5), min_size=rq["m"].numel(),
+                                                                 max_size=rq["m"].numel()))]
+        rq = dict(rq, m=torch.tensor([p[0] for p in pairs]), s=torch.tensor([p[1] for p in pairs]))
+    geo = dict(w=w.unsqueeze(2), bias=bias, stride=[1], padding=[0], dilation=[1], groups=1)
+    kc = cpu.Conv(EXT, dict(geo, **rq, f32=f32), 8, fused=True, x_unsigned=x.dtype == torch.uint8)
+    want = torch.ops.qpipe.conv1d_rq(x, w.unsqueeze(2), bias, rq["m"], rq["s"], [1], [0], [1], 1, rq["lo"], rq["hi"],
+                                     rq["bits"], f32)
+    got = kc(x)
+    assert kc.kind == ("dw-vnni" if k == n == 1 else "pw-vnni"), kc.kind  # one channel: depthwise too
+    assert got.dtype == want.dtype and torch.equal(got, want), (k, n, x.dtype)
+    xl = x.transpose(1, 2)
+    kl = cpu.Linear(EXT, dict(w=w, bias=bias, **rq, f32=f32), 8, fused=True, x_unsigned=x.dtype == torch.uint8)
+    want = torch.ops.qpipe.linear_rq(xl, w, bias, rq["m"], rq["s"], rq["lo"], rq["hi"], rq["bits"], f32)
+    assert kl.kind == "pw-vnni" and torch.equal(kl(xl), want), (k, n, x.dtype)
+    acc = cpu.Linear(EXT, dict(w=w, bias=bias, acc_bits=32), 8, fused=False)
+    assert torch.equal(acc(xl), torch.ops.qpipe.linear_acc(xl, w, bias, 32))
 
 
 @pytest.mark.skipif(EXT is None, reason="no C++ kernels here")

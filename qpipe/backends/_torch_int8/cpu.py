@@ -11,8 +11,10 @@ kernel here takes either and writes the dtype the reference writes.
 
 Why each kernel is exact:
 
-* pointwise convolutions and linears: oneDNN's int8 matmul (``onednn.qlinear_pointwise``,
-  AMX/VNNI brgemm; int32 accumulation, fp32 output with unit scales) is exact when
+* pointwise convolutions and linears, where the C++ kernels have AVX-512 VNNI: ``pw_gemm_vnni``
+  (u8 x s8 on the codes, int32, exact below 2**31; an int8 input read as ``x + 128`` with
+  ``-128 * sum_k w`` in the bias; the float32-faithful requant fused in). Elsewhere: oneDNN's
+  int8 matmul (``onednn.qlinear_pointwise``, AMX/VNNI brgemm; int32 accumulation, fp32 output with unit scales) is exact when
   every accumulator is below 2**24 in magnitude (``bound``, proven per layer from the
   weights and the input's bit width); ``torch._int_mm`` (int32 out) when below 2**31;
   float64 otherwise. A uint8 input goes to oneDNN as it is (u8 x s8, its native VNNI
@@ -23,7 +25,7 @@ Why each kernel is exact:
 * depthwise conv1d, where the C++ kernels have AVX-512 VNNI: ``dw_conv1d_vnni`` multiplies
   the 8-bit codes themselves (u8 x s8 into int32, exact below 2**31; an int8 input read as
   ``x + 128``, ``128 * sum_k w`` taken off with the bias) and requantizes in the kernel when the
-  layer's requant is float32-faithful (1.5-1.8x oneDNN's fp32 conv + requant on QuartzNet's
+  layer's requant is float32-faithful (2.2-3.5x oneDNN's fp32 conv + requant on QuartzNet's
   layers at batch 1 and 8; oneDNN's fp32 depthwise was the program's largest cost).
 * every other convolution: fp32 ``conv2d`` on channels-last
   input, which runs oneDNN's direct kernels; with ``bound < 2**24`` every product
@@ -252,6 +254,53 @@ def make_gemm(w: Tensor, bound: int, x_unsigned: bool = False):
     return F64MM(w), "f64-matmul"
 
 
+def vnni_ok(ext: Any) -> bool:
+    """The C++ kernels were built with AVX-512 VNNI (``dw_conv1d_vnni``, ``pw_gemm_vnni``)."""
+    return ext is not None and hasattr(ext, "pw_gemm_vnni") and bool(ext.dw_vnni_available())
+
+
+class VnniGemm:
+    """``pw_gemm_vnni``: u8 x s8 on the codes themselves (an int8 input read as ``x + 128``), int32,
+    exact below 2**31; :meth:`run` fuses a float32-faithful requant into the kernel.
+
+    What it saves against ``torch._int_mm`` + the C++ requant pass: the int32 (M, N) round trip
+    through memory, the uint8 -> int8 XOR pass and the padding to multiples of 8."""
+
+    int8_only = False
+    takes_u8 = True
+
+    def __init__(self, ext: Any, w: Tensor):
+        self.ext, self.n = ext, int(w.shape[0])
+        n, k = w.shape
+        kq, nnb = -(-k // 4), -(-n // 64)
+        wp = torch.zeros(nnb * 64, kq * 4, dtype=torch.int8)
+        wp[:n, :k] = w
+        self.wp = wp.view(nnb, 4, 16, kq, 4).permute(0, 3, 1, 2, 4).contiguous()  # (nnb, kq, 4 v, 16 n, 4 k)
+        self.w64t = w.to(torch.float64).t().contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Any other integer input (never in a planned program): float64, exact below 2**53."""
+        return (x.to(torch.float64) @ self.w64t).to(torch.int64)
+
+    def run(self, rows: Tensor, post: Any) -> Tensor:
+        """``post`` of ``rows @ w.T`` (rows: int8 / uint8 (M, K) contiguous); the correction of a
+        shifted int8 input is ``post``'s ``corr`` (``-128 * sum_k w``)."""
+        shifted = rows.dtype == torch.int8
+        if isinstance(post, Requant) and post.mult is not None and post.ext is not None and post.small_bias \
+                and not post.emit_f32:
+            bias = post.bias_shifted if shifted else post.bias
+            return self.ext.pw_gemm_vnni(rows, self.wp, self.n, bias, post.mult, post.lo, post.hi, out_code(post.dtype))
+        return post(self.ext.pw_gemm_vnni(rows, self.wp, self.n, _NO_BIAS, _NO_MULT, 0, 0, 0), shifted)
+
+
+def run_gemm(gemm: Any, post: Any, rows: Tensor) -> Tensor:
+    """``post(rows @ w.T)`` with whatever input shift the GEMM needs."""
+    if isinstance(gemm, VnniGemm) and rows.dtype in (torch.int8, torch.uint8):
+        return gemm.run(rows.contiguous(), post)
+    rows, shifted = gemm_input(gemm, rows)
+    return post(gemm(rows), shifted)
+
+
 def gemm_input(gemm: Any, rows: Tensor) -> tuple[Tensor, bool]:
     """(what the GEMM takes, whether a uint8 input was shifted to int8 ``x - 128``)."""
     if rows.dtype == torch.uint8 and gemm.int8_only and not gemm.takes_u8:
@@ -375,6 +424,9 @@ class Conv:
             self.w_vnni, self.k = vnni_depthwise_weight(w), int(w.shape[2])
             corr = -shift_correction(w)
             self.w64 = w.to(torch.float64)  # an input that is not 8-bit codes (never in a planned program)
+        elif pointwise and vnni_ok(ext) and self.bound_u8 < I32_EXACT:
+            self.gemm, self.kind = VnniGemm(ext, w[:, :, 0]), "pw-vnni"
+            corr = -shift_correction(w[:, :, 0])  # an int8 input goes in as x + 128
         elif pointwise:
             # a uint8 input is shifted to int8 first: the GEMM's bound is the signed one
             self.gemm, self.kind = make_gemm(w[:, :, 0], weight_bound(w, 8), self.x_unsigned)
@@ -437,8 +489,7 @@ class Conv:
             if self.kind != "f32-conv-cl":
                 xt = x.transpose(1, 2)
                 xt = xt if xt.is_contiguous() else xt.contiguous()
-                rows, shifted = gemm_input(self.gemm, xt.reshape(b * t, c))
-                out = self.post(self.gemm(rows), shifted)
+                out = run_gemm(self.gemm, self.post, xt.reshape(b * t, c))
                 return out.view(b, t, self.co).transpose(1, 2)
             xf = x.transpose(1, 2)
             if self.phases > 1:
@@ -522,9 +573,13 @@ class Linear:
     def __init__(self, ext: Any, a: dict[str, Any], x_bits: int, fused: bool, x_unsigned: bool = False):
         w = a["w"]
         self.n = w.shape[0]
-        # an 8-bit input (a uint8 one shifted to int8 first) is bounded by sum|w| * 128
-        self.gemm, self.kind = make_gemm(w, weight_bound(w, 8), bool(x_unsigned)) if x_bits <= 8 else (F64MM(w), "f64-matmul")
-        corr = shift_correction(w) if self.gemm.int8_only else None
+        if x_bits <= 8 and vnni_ok(ext) and weight_bound(w, 8, True) < I32_EXACT:
+            self.gemm, self.kind = VnniGemm(ext, w), "pw-vnni"
+            corr = -shift_correction(w)  # an int8 input goes in as x + 128
+        else:
+            # an 8-bit input (a uint8 one shifted to int8 first) is bounded by sum|w| * 128
+            self.gemm, self.kind = make_gemm(w, weight_bound(w, 8), bool(x_unsigned)) if x_bits <= 8 else (F64MM(w), "f64-matmul")
+            corr = shift_correction(w) if self.gemm.int8_only else None
         bias = a.get("bias")
         if fused:
             self.post = Requant(ext, self.n, bias, a["m"], a["s"], a["lo"], a["hi"], a["bits"], corr,
@@ -534,8 +589,7 @@ class Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        rows, shifted = gemm_input(self.gemm, x.reshape(-1, x.shape[-1]).contiguous())
-        out = self.post(self.gemm(rows), shifted)
+        out = run_gemm(self.gemm, self.post, x.reshape(-1, x.shape[-1]).contiguous())
         return out.view(*lead, self.n)
 
 

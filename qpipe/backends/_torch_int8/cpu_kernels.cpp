@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <cstring>
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -396,6 +397,95 @@ inline __m512i rq_f32_16(__m512i acc, const double* bias, const float* mult, __m
   r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
   return _mm512_cvtps_epi32(r);
 }
+
+// The micro-kernels are templates on their row count so that every accumulator index is a
+// compile-time constant and the accumulators stay in registers (with a run-time row count
+// GCC kept them on the stack: a load and a store around every vpdpbusd).
+#define QPIPE_INLINE __attribute__((always_inline)) inline
+#define QPIPE_INLINE_LAMBDA __attribute__((always_inline))
+
+
+// acc += dot4(u8 a, s8 w) per int32 lane, in place. With the intrinsic GCC copied every
+// accumulator to a fresh register and back around each vpdpbusd and folded the weight loads
+// into it (one zmm load per product instruction): half the speed of torch._int_mm.
+QPIPE_INLINE void dpbusd(__m512i& acc, __m512i a, __m512i w) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w)); }
+
+// 6 output times x 64 channels of a depthwise conv: q0 the packed rows of the first output,
+// su / sk the packed-row steps (in vectors) of one output / one tap quad. A short tile computes
+// all six (the packed buffer has the rows) and stores fewer. 24 named accumulators, as pw_tile4.
+template <typename Store>
+QPIPE_INLINE void dw_tile6(const __m512i* q0, const __m512i* wc, int64_t KQ, int64_t su, int64_t sk, Store&& store) {
+#define QPIPE_DW_ZERO(U) __m512i c##U##0 = _mm512_setzero_si512(), c##U##1 = c##U##0, c##U##2 = c##U##0, c##U##3 = c##U##0;
+  QPIPE_DW_ZERO(0) QPIPE_DW_ZERO(1) QPIPE_DW_ZERO(2) QPIPE_DW_ZERO(3) QPIPE_DW_ZERO(4) QPIPE_DW_ZERO(5)
+#undef QPIPE_DW_ZERO
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    const __m512i w0 = _mm512_loadu_si512(wc + 4 * kq), w1 = _mm512_loadu_si512(wc + 4 * kq + 1);
+    const __m512i w2 = _mm512_loadu_si512(wc + 4 * kq + 2), w3 = _mm512_loadu_si512(wc + 4 * kq + 3);
+    const __m512i* qk = q0 + sk * kq;
+#define QPIPE_DW_ROW(U)                                              \
+  {                                                                  \
+    const __m512i* qu = qk + su * (U);                               \
+    dpbusd(c##U##0, _mm512_loadu_si512(qu), w0);                     \
+    dpbusd(c##U##1, _mm512_loadu_si512(qu + 1), w1);                 \
+    dpbusd(c##U##2, _mm512_loadu_si512(qu + 2), w2);                 \
+    dpbusd(c##U##3, _mm512_loadu_si512(qu + 3), w3);                 \
+  }
+    QPIPE_DW_ROW(0) QPIPE_DW_ROW(1) QPIPE_DW_ROW(2) QPIPE_DW_ROW(3) QPIPE_DW_ROW(4) QPIPE_DW_ROW(5)
+#undef QPIPE_DW_ROW
+  }
+#define QPIPE_DW_STORE(U)                                            \
+  {                                                                  \
+    const __m512i acc[4] = {c##U##0, c##U##1, c##U##2, c##U##3};     \
+    __m512i o[4];                                                    \
+    lanes_to_channels(acc, o);                                       \
+    store(U, o);                                                     \
+  }
+  QPIPE_DW_STORE(0) QPIPE_DW_STORE(1) QPIPE_DW_STORE(2) QPIPE_DW_STORE(3) QPIPE_DW_STORE(4) QPIPE_DW_STORE(5)
+#undef QPIPE_DW_STORE
+}
+
+
+// 4 rows x 64 columns of a GEMM: xr the 4 input rows (a short tile repeats a row and stores
+// fewer), kfull whole quads of K, the K % 4 tail read byte by byte (never past a row; the
+// weights past K are zero). Sixteen named accumulators (an array of them GCC kept on the stack).
+template <typename Store>
+QPIPE_INLINE void pw_tile4(const uint8_t* const* xr, const __m512i* wc, int64_t K, int64_t kfull, uint32_t flip, Store&& store) {
+  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+  __m512i c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+  const __m512i vflip = _mm512_set1_epi32((int)flip);
+#define QPIPE_PW_QUAD(KQ_, A0, A1, A2, A3)                                                                   \
+  {                                                                                                         \
+    const __m512i w0 = _mm512_loadu_si512(wc + 4 * (KQ_)), w1 = _mm512_loadu_si512(wc + 4 * (KQ_) + 1);     \
+    const __m512i w2 = _mm512_loadu_si512(wc + 4 * (KQ_) + 2), w3 = _mm512_loadu_si512(wc + 4 * (KQ_) + 3); \
+    const __m512i a0 = (A0), a1 = (A1), a2 = (A2), a3 = (A3);                                                \
+    dpbusd(c00, a0, w0); dpbusd(c01, a0, w1);                         \
+    dpbusd(c02, a0, w2); dpbusd(c03, a0, w3);                         \
+    dpbusd(c10, a1, w0); dpbusd(c11, a1, w1);                         \
+    dpbusd(c12, a1, w2); dpbusd(c13, a1, w3);                         \
+    dpbusd(c20, a2, w0); dpbusd(c21, a2, w1);                         \
+    dpbusd(c22, a2, w2); dpbusd(c23, a2, w3);                         \
+    dpbusd(c30, a3, w0); dpbusd(c31, a3, w1);                         \
+    dpbusd(c32, a3, w2); dpbusd(c33, a3, w3);                         \
+  }
+#define QPIPE_BCAST(R) _mm512_xor_si512(_mm512_set1_epi32(*(const int32_t*)(xr[R] + 4 * kq)), vflip)
+  for (int64_t kq = 0; kq < kfull; ++kq) QPIPE_PW_QUAD(kq, QPIPE_BCAST(0), QPIPE_BCAST(1), QPIPE_BCAST(2), QPIPE_BCAST(3))
+#undef QPIPE_BCAST
+  if (4 * kfull < K) {  // the K % 4 tail, read byte by byte
+    uint32_t t[4];
+    for (int r = 0; r < 4; ++r) {
+      t[r] = 0;
+      std::memcpy(&t[r], xr[r] + 4 * kfull, (size_t)(K - 4 * kfull));
+      t[r] ^= flip;
+    }
+    QPIPE_PW_QUAD(kfull, _mm512_set1_epi32((int)t[0]), _mm512_set1_epi32((int)t[1]), _mm512_set1_epi32((int)t[2]),
+                  _mm512_set1_epi32((int)t[3]))
+  }
+#undef QPIPE_PW_QUAD
+  store(0, c00, c01, c02, c03);
+  store(1, c10, c11, c12, c13);
+  store(2, c20, c21, c22, c23);
+  store(3, c30, c31, c32, c33);
+}
 }  // namespace
 #endif
 
@@ -443,7 +533,7 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
   const int64_t qspan = 4 * dil * (KQ - 1);  // Q rows one output reaches past its first
   const __m512i flip = _mm512_set1_epi8(sgn ? (char)0x80 : 0);  // also the (shifted) zero of the padding
   at::parallel_for(0, B * ntile, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512i> qbuf((size_t)(4 * ((TT - 1) * stride + qspan + 1)));
+    std::vector<__m512i> qbuf((size_t)(4 * ((TT - 1 + TBV) * stride + qspan + 1)));  // + TBV: a short last micro-tile reads past nt
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / ntile, tile = i % ntile;
       const int64_t t0 = tile * TT, nt = std::min<int64_t>(TT, Tout - t0);
@@ -471,26 +561,8 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
         for (int L = 0; L < 4; ++L) sm[L] = lane_mask(nc - 16 * L);
         for (int64_t tb = 0; tb < nt; tb += TBV) {
           const int nb = (int)std::min<int64_t>(TBV, nt - tb);
-          __m512i acc[TBV][4];
-          for (int u = 0; u < TBV; ++u)
-            for (int j = 0; j < 4; ++j) acc[u][j] = _mm512_setzero_si512();
-          for (int64_t kq = 0; kq < KQ; ++kq) {
-            const __m512i w0 = _mm512_loadu_si512(wc + 4 * kq), w1 = _mm512_loadu_si512(wc + 4 * kq + 1);
-            const __m512i w2 = _mm512_loadu_si512(wc + 4 * kq + 2), w3 = _mm512_loadu_si512(wc + 4 * kq + 3);
-            const __m512i* qk = qbuf.data() + 4 * (tb * stride + 4 * dil * kq);
-            for (int u = 0; u < TBV; ++u) {
-              if (u < nb) {
-                const __m512i* qu = qk + 4 * u * stride;
-                acc[u][0] = _mm512_dpbusd_epi32(acc[u][0], _mm512_loadu_si512(qu), w0);
-                acc[u][1] = _mm512_dpbusd_epi32(acc[u][1], _mm512_loadu_si512(qu + 1), w1);
-                acc[u][2] = _mm512_dpbusd_epi32(acc[u][2], _mm512_loadu_si512(qu + 2), w2);
-                acc[u][3] = _mm512_dpbusd_epi32(acc[u][3], _mm512_loadu_si512(qu + 3), w3);
-              }
-            }
-          }
-          for (int u = 0; u < nb; ++u) {
-            __m512i o[4];
-            lanes_to_channels(acc[u], o);
+          auto store = [&](int u, const __m512i* o) QPIPE_INLINE_LAMBDA {
+            if (u >= nb) return;
             const int64_t row = (b * Tout + t0 + tb + u) * C + c0;  // element index of channel c0
             for (int L = 0; L < 4; ++L) {
               if (!sm[L]) continue;
@@ -503,7 +575,10 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
               if (osz == 1) _mm512_mask_cvtepi32_storeu_epi8(od + (row + 16 * L), sm[L], r);
               else _mm512_mask_cvtepi32_storeu_epi16(od + (row + 16 * L) * 2, sm[L], r);
             }
-          }
+          };
+          const __m512i* q0 = qbuf.data() + 4 * tb * stride;
+          const int64_t su = 4 * stride, sk = 16 * dil;
+          dw_tile6(q0, wc, KQ, su, sk, store);
         }
       }
     }
@@ -514,10 +589,98 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
   return out;
 }
 
+// Pointwise conv / linear as an (M, K) x (K, N) GEMM on 8-bit codes with AVX-512 VNNI, the
+// same arithmetic and epilogue as dw_conv1d_vnni: x uint8 as it is or int8 as x + 128 (the caller
+// folds -128 * sum_k w[n, k] into the bias), int32 accumulators (exact while 255 * sum_k |w| < 2**31),
+// and either the int32 result (empty ``mult`` and ``bias``) or the float32-faithful requant fused in
+// (out_code 8 / -8 / 16). Fusing saves what torch._int_mm + a requant pass cost besides the
+// products: the int32 (M, N) round trip through memory, the uint8 -> int8 XOR pass, the padding.
+//
+// wp: int8 (ceil(N/64), ceil(K/4), 4 v, 16 n, 4 k): column 64*nb + 16v + n, rows 4kq..4kq+3, zero
+// past N and K. A micro-tile is 4 rows x 64 columns (16 accumulators); per k-quad, 4 weight
+// vectors and one broadcast of 4 input bytes per row. A work item is 96 rows x 64 columns, so the
+// weight panel (K * 64 bytes) is reused from L1/L2 across the rows.
+torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::Tensor bias, torch::Tensor mult,
+                           int64_t lo, int64_t hi, int64_t out_code) {
+  TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 2 && x.is_contiguous(),
+              "pw_gemm_vnni: x must be contiguous int8/uint8 (M,K)");
+  const int64_t M = x.size(0), K = x.size(1), nnb = (N + 63) / 64, KQ = (K + 3) / 4;
+  TORCH_CHECK(wp.dtype() == torch::kInt8 && wp.dim() == 5 && wp.size(0) == nnb && wp.size(1) == KQ && wp.size(2) == 4 &&
+                  wp.size(3) == 16 && wp.size(4) == 4 && wp.is_contiguous(),
+              "pw_gemm_vnni: wp must be int8 (ceil(N/64), ceil(K/4), 4, 16, 4)");
+  const bool fused = mult.numel() > 0;
+  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == N), "pw_gemm_vnni: mult must be float32 (N) or empty");
+  TORCH_CHECK(bias.numel() == 0 || (fused && bias.dtype() == torch::kInt64 && bias.numel() == N),
+              "pw_gemm_vnni: bias must be int64 (N), and only with a fused requant (else empty)");
+  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "pw_gemm_vnni: fused output is int8, uint8 or int16");
+  auto out = torch::empty({M, N}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
+  if (M == 0) return out;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  constexpr int MR = 4;      // rows per micro-tile (6 ran out of registers: GCC spilled the accumulators)
+  constexpr int64_t MB = 96;  // rows per work item
+  const uint32_t flip = x.dtype() == torch::kInt8 ? 0x80808080u : 0u;
+  const uint8_t* xd = (const uint8_t*)x.data_ptr();
+  const int8_t* wd = wp.data_ptr<int8_t>();
+  std::vector<double> bd((size_t)(nnb * 64), 0.0);
+  std::vector<float> md((size_t)(nnb * 64), 0.f);
+  if (bias.numel()) {
+    const torch::Tensor bc = bias.contiguous();
+    const int64_t* b = bc.data_ptr<int64_t>();
+    for (int64_t c = 0; c < N; ++c) bd[c] = (double)b[c];
+  }
+  if (fused) {
+    const torch::Tensor mc = mult.contiguous();
+    const float* m = mc.data_ptr<float>();
+    for (int64_t c = 0; c < N; ++c) md[c] = m[c];
+  }
+  const __m512 vlo = _mm512_set1_ps((float)lo), vhi = _mm512_set1_ps((float)hi);
+  char* od = (char*)out.data_ptr();
+  const int64_t osz = out.element_size();
+  const int64_t nmb = (M + MB - 1) / MB;
+  const int64_t kfull = K / 4;  // whole quads; a tail of K % 4 bytes is read byte by byte
+  at::parallel_for(0, nmb * nnb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t mb = it / nnb, nb = it % nnb;
+      const int64_t n0 = nb * 64, nn = std::min<int64_t>(64, N - n0);
+      __mmask16 sm[4];
+      for (int v = 0; v < 4; ++v) sm[v] = lane_mask(nn - 16 * v);
+      const __m512i* wc = (const __m512i*)(wd + nb * KQ * 256);
+      const int64_t m_end = std::min<int64_t>(M, (mb + 1) * MB);
+      for (int64_t m0 = mb * MB; m0 < m_end; m0 += MR) {
+        const int nr = (int)std::min<int64_t>(MR, m_end - m0);
+        const uint8_t* xr[MR];
+        for (int r = 0; r < MR; ++r) xr[r] = xd + (m0 + (r < nr ? r : 0)) * K;
+        auto store = [&](int r, __m512i a0, __m512i a1, __m512i a2, __m512i a3) QPIPE_INLINE_LAMBDA {
+          if (r >= nr) return;
+          const __m512i acc[4] = {a0, a1, a2, a3};
+          const int64_t row = (m0 + r) * N + n0;
+          for (int v = 0; v < 4; ++v) {
+            if (!sm[v]) continue;
+            const int64_t c = n0 + 16 * v;
+            if (!fused) {
+              _mm512_mask_storeu_epi32(od + (row + 16 * v) * 4, sm[v], acc[v]);
+              continue;
+            }
+            const __m512i q = rq_f32_16(acc[v], bd.data() + c, md.data() + c, vlo, vhi);
+            if (osz == 1) _mm512_mask_cvtepi32_storeu_epi8(od + (row + 16 * v), sm[v], q);
+            else _mm512_mask_cvtepi32_storeu_epi16(od + (row + 16 * v) * 2, sm[v], q);
+          }
+        };
+        pw_tile4(xr, wc, K, kfull, flip, store);
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "pw_gemm_vnni: built without AVX-512 VNNI");
+#endif
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8/uint8");
   mod.def("dw_vnni_available", &dw_vnni_available, "built with AVX-512 VNNI (dw_conv1d_vnni works)");
   mod.def("dw_conv1d_vnni", &dw_conv1d_vnni, "depthwise conv1d, 8-bit codes, int32 out or fused f32 requant (AVX-512 VNNI)");
+  mod.def("pw_gemm_vnni", &pw_gemm_vnni, "pointwise GEMM, 8-bit codes, int32 out or fused f32 requant (AVX-512 VNNI)");
   mod.def("requant_cols", &requant_cols, "per-column dyadic requant of an fp32/int32 accumulator");
   mod.def("requant_f32_cols", &requant_f32_cols, "per-column float32-faithful requant of an fp32/int32 accumulator");
   mod.def("quantize_cl", &quantize_cl, "input quantizer, channels-last out");
