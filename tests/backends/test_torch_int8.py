@@ -35,11 +35,18 @@ SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[Healt
 CLAMPS = {8: [(-128, 127), (0, 255), (0, 127), (-127, 127)], 16: [(-32768, 32767), (0, 32767)]}
 
 
-def _rq_args(draw, c: int):
+def _rq_args(draw, c: int, f32: bool = False):
+    """Requant arguments; ``f32``: the (m, s) pairs a float32 multiplier stands for, as the pass writes them."""
     per_channel = draw(st.booleans())
     n = c if per_channel else 1
-    m = torch.tensor(draw(st.lists(st.integers(1, 2**31 - 1), min_size=n, max_size=n)), dtype=torch.int64)
-    s = torch.tensor(draw(st.lists(st.integers(0, 45), min_size=n, max_size=n)), dtype=torch.int64)
+    if f32:
+        from qpipe.ir.ops.kernels import f32_multiplier
+
+        pairs = [f32_multiplier(r) for r in draw(st.lists(st.floats(1e-7, 0.5), min_size=n, max_size=n))]
+        m, s = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    else:
+        m = torch.tensor(draw(st.lists(st.integers(1, 2**31 - 1), min_size=n, max_size=n)), dtype=torch.int64)
+        s = torch.tensor(draw(st.lists(st.integers(0, 45), min_size=n, max_size=n)), dtype=torch.int64)
     bits = draw(st.sampled_from([8, 8, 16]))
     lo, hi = draw(st.sampled_from(CLAMPS[bits]))
     return dict(m=m, s=s, lo=lo, hi=hi, bits=bits)
@@ -526,8 +533,6 @@ def test_vnni_depthwise_conv1d_is_bit_exact_fused_and_not(data):
     """``dw-vnni``: QuartzNet-sized depthwise layers (channels across 64-blocks, up to 90 taps, strides,
     dilations, paddings) on int8 / uint8 codes at the extremes, requantized in the kernel (``f32=True``),
     after it (dyadic), or left as accumulators; against the reference ops."""
-    from qpipe.ir.ops.kernels import f32_multiplier
-
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     c = data.draw(st.sampled_from([1, 5, 63, 64, 65, 130]))
     k = data.draw(st.integers(1, 90))
@@ -542,11 +547,7 @@ def test_vnni_depthwise_conv1d_is_bit_exact_fused_and_not(data):
     bias = torch.randint(-(2**24), 2**24, (c,), generator=g, dtype=torch.int32) if data.draw(st.booleans()) else None
     geo = dict(w=w, bias=bias, stride=[stride], padding=[pad], dilation=[dil], groups=c)
     f32 = data.draw(st.booleans())
-    rq = _rq_args(data.draw, c)
-    if f32:
-        pairs = [f32_multiplier(r) for r in data.draw(st.lists(st.floats(1e-7, 0.5), min_size=rq["m"].numel(),
-                                                                 max_size=rq["m"].numel()))]
-        rq = dict(rq, m=torch.tensor([p[0] for p in pairs]), s=torch.tensor([p[1] for p in pairs]))
+    rq = _rq_args(data.draw, c, f32=f32)
     a = dict(geo, **rq, f32=f32)
     want = torch.ops.qpipe.conv1d_rq(x, w, bias, a["m"], a["s"], [stride], [pad], [dil], c, a["lo"], a["hi"], a["bits"], f32)
     kern = cpu.Conv(EXT, a, 8, fused=True, x_unsigned=x.dtype == torch.uint8)
@@ -566,8 +567,6 @@ def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
     """``pw-vnni``: pointwise convs and linears with rows, K and N off the kernel's 4-row, 4-byte and
     64-column blocks, int8 / uint8 codes at the extremes, requantized in the kernel (``f32=True``),
     after it (dyadic), or left as accumulators; against the reference ops."""
-    from qpipe.ir.ops.kernels import f32_multiplier
-
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     k, n = data.draw(st.integers(1, 300)), data.draw(st.sampled_from([1, 7, 63, 64, 65, 130, 200]))
     b, t = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 70))
@@ -577,11 +576,7 @@ def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
         w = torch.where(w >= 0, torch.full_like(w, 127), torch.full_like(w, -127))
     bias = torch.randint(-(2**24), 2**24, (n,), generator=g, dtype=torch.int32) if data.draw(st.booleans()) else None
     f32 = data.draw(st.booleans())
-    rq = _rq_args(data.draw, n)
-    if f32:
-        pairs = [f32_multiplier(r) for r in data.draw(st.lists(st.floats(1e-7, 0.5), min_size=rq["m"].numel(),
-                                                                 max_size=rq["m"].numel()))]
-        rq = dict(rq, m=torch.tensor([p[0] for p in pairs]), s=torch.tensor([p[1] for p in pairs]))
+    rq = _rq_args(data.draw, n, f32=f32)
     geo = dict(w=w.unsqueeze(2), bias=bias, stride=[1], padding=[0], dilation=[1], groups=1)
     kc = cpu.Conv(EXT, dict(geo, **rq, f32=f32), 8, fused=True, x_unsigned=x.dtype == torch.uint8)
     want = torch.ops.qpipe.conv1d_rq(x, w.unsqueeze(2), bias, rq["m"], rq["s"], [1], [0], [1], 1, rq["lo"], rq["hi"],

@@ -376,6 +376,24 @@ namespace {
 inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1); }
 inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1)); }
 
+// The fused epilogue's per-channel constants, padded with zeros to whole 64-channel blocks so that a
+// block's loads never go past them: the bias as double (exact: callers keep |bias| < 2**52), the multiplier.
+inline void epilogue_constants(const torch::Tensor& bias, const torch::Tensor& mult, bool fused, int64_t n,
+                               int64_t blocks, std::vector<double>& bd, std::vector<float>& md) {
+  bd.assign((size_t)(blocks * 64), 0.0);
+  md.assign((size_t)(blocks * 64), 0.f);
+  if (bias.numel()) {
+    const torch::Tensor bc = bias.contiguous();
+    const int64_t* b = bc.data_ptr<int64_t>();
+    for (int64_t c = 0; c < n; ++c) bd[c] = (double)b[c];
+  }
+  if (fused) {
+    const torch::Tensor mc = mult.contiguous();
+    const float* m = mc.data_ptr<float>();
+    for (int64_t c = 0; c < n; ++c) md[c] = m[c];
+  }
+}
+
 // acc[j] lane L = channels 16L + 4j + (0..3) -> out[L] = channels 16L + (0..15)
 inline void lanes_to_channels(const __m512i acc[4], __m512i out[4]) {
   const __m512i t0 = _mm512_shuffle_i32x4(acc[0], acc[1], 0x44);  // a0 a1 b0 b1
@@ -513,19 +531,9 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
   const bool sgn = x.dtype() == torch::kInt8;
   const uint8_t* xd = (const uint8_t*)x.data_ptr();
   const int8_t* wd = w4.data_ptr<int8_t>();
-  // per channel, padded to whole blocks: the bias as double (exact: the caller keeps |bias| < 2**52) and the multiplier
-  std::vector<double> bd((size_t)(ncb * 64), 0.0);
-  std::vector<float> md((size_t)(ncb * 64), 0.f);
-  if (bias.numel()) {
-    const torch::Tensor bc = bias.contiguous();
-    const int64_t* b = bc.data_ptr<int64_t>();
-    for (int64_t c = 0; c < C; ++c) bd[c] = (double)b[c];
-  }
-  if (fused) {
-    const torch::Tensor mc = mult.contiguous();
-    const float* m = mc.data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) md[c] = m[c];
-  }
+  std::vector<double> bd;
+  std::vector<float> md;
+  epilogue_constants(bias, mult, fused, C, ncb, bd, md);
   const __m512 vlo = _mm512_set1_ps((float)lo), vhi = _mm512_set1_ps((float)hi);
   char* od = (char*)out.data_ptr();
   const int64_t osz = out.element_size();
@@ -621,18 +629,9 @@ torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
   const uint32_t flip = x.dtype() == torch::kInt8 ? 0x80808080u : 0u;
   const uint8_t* xd = (const uint8_t*)x.data_ptr();
   const int8_t* wd = wp.data_ptr<int8_t>();
-  std::vector<double> bd((size_t)(nnb * 64), 0.0);
-  std::vector<float> md((size_t)(nnb * 64), 0.f);
-  if (bias.numel()) {
-    const torch::Tensor bc = bias.contiguous();
-    const int64_t* b = bc.data_ptr<int64_t>();
-    for (int64_t c = 0; c < N; ++c) bd[c] = (double)b[c];
-  }
-  if (fused) {
-    const torch::Tensor mc = mult.contiguous();
-    const float* m = mc.data_ptr<float>();
-    for (int64_t c = 0; c < N; ++c) md[c] = m[c];
-  }
+  std::vector<double> bd;
+  std::vector<float> md;
+  epilogue_constants(bias, mult, fused, N, nnb, bd, md);
   const __m512 vlo = _mm512_set1_ps((float)lo), vhi = _mm512_set1_ps((float)hi);
   char* od = (char*)out.data_ptr();
   const int64_t osz = out.element_size();
