@@ -38,6 +38,23 @@ def _compiler() -> Optional[str]:
     return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
 
 
+# A build takes about a minute here; a lock older than this was left by a killed build.
+_STALE_LOCK_S = 15 * 60
+
+
+def _clear_stale_lock(cpp_extension: Any, name: str) -> None:
+    """torch's builder waits forever on the lock file of a build that was killed mid-way, so every later
+    ``load`` of the model would hang; a lock far older than any build is removed first."""
+    import time
+
+    try:
+        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
+            os.remove(lock)
+    except (OSError, AttributeError):  # a torch without the private helper: leave the lock to torch
+        pass
+
+
 def get() -> Optional[Any]:
     """The compiled extension module, or None when it cannot be built here."""
     with _lock:
@@ -55,8 +72,10 @@ def get() -> Optional[Any]:
                 with open(_SRC, "rb") as f:
                     src = f.read()
                 tag = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:12]
+                name = f"qpipe_torch_int8_{tag}"
+                _clear_stale_lock(cpp_extension, name)
                 mod = cpp_extension.load(
-                    name=f"qpipe_torch_int8_{tag}",
+                    name=name,
                     sources=[_SRC],
                     extra_cflags=_FLAGS,
                     extra_ldflags=["-fopenmp"],
