@@ -282,6 +282,27 @@ def test_add_requant_is_bit_exact_including_ties_and_saturation(ext, data):
     assert got.dtype == want.dtype and torch.equal(got, want), (a.dtype, b.dtype, lo, hi)
 
 
+@pytest.mark.skipif(EXT is None, reason="the C++ kernels did not build here")
+@pytest.mark.parametrize("dtypes", [(torch.int8, torch.int8), (torch.uint8, torch.int8), (torch.int8, torch.uint8),
+                                    (torch.uint8, torch.uint8)])
+def test_add_requant_over_whole_layers_is_bit_exact(dtypes):
+    """A 15x5-sized residual (8 x 401 x 192): the 16-wide double loop, its tail and both threads' halves, with
+    ties (an odd code times 2**29 >> 30), saturation, every output width, and multipliers past 2**53 / 255
+    (the int64 loop)."""
+    g = torch.Generator().manual_seed(7)
+    shape = (8, 401, 192)
+    a, b = (torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if d == torch.uint8 else
+            torch.randint(-128, 128, shape, generator=g, dtype=torch.int8) for d in dtypes)
+    cases = [(1 << 29, 1 << 30, 30, -128, 127, 8), (1 << 29, 1 << 30, 30, 0, 255, 8),
+             (1_500_000_001, 700_000_003, 31, -32768, 32767, 16), (12345, 54321, 10, -128, 127, 8),
+             (1 << 50, 3 << 47, 52, -128, 127, 8), (1, 1, 0, -127, 127, 8)]
+    for ma, mb, s, lo, hi, bits in cases:
+        ma, mb, s = torch.tensor(ma), torch.tensor(mb), torch.tensor(s)
+        want = torch.ops.qpipe.add_requant(a, b, ma, mb, s, lo, hi, bits)
+        got = cpu.AddRequant(EXT, dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=bits))(a, b)
+        assert got.dtype == want.dtype and torch.equal(got, want), (int(ma), int(mb), int(s), lo, hi)
+
+
 @pytest.fixture(scope="module")
 def tiny_int(tmp_path_factory):
     """TinyASR through the fast pipeline, written as a torch-int8 folder: (QuantizeResult, folder)."""
@@ -424,6 +445,23 @@ def test_input_quantizer_is_bit_exact_including_exact_halves(ext, data):
     if k.can_emit_f32:
         k.emit_f32 = True
         assert torch.equal(k(x), want.to(torch.float32))
+
+
+@pytest.mark.skipif(EXT is None, reason="the C++ kernels did not build here")
+def test_input_quantizer_over_a_whole_batch_is_bit_exact():
+    """8 x 64 x 1601 features: whole 64-step tiles and the ragged last one, split between threads, with exact
+    halves of the scale and saturation in every tile."""
+    g = torch.Generator().manual_seed(3)
+    shape = (8, 64, 1601)
+    scale = 0.0371
+    s32 = torch.tensor(scale, dtype=torch.float32)
+    halves = (torch.randint(-140, 140, shape, generator=g).to(torch.float32) + 0.5) * s32
+    x = torch.where(torch.rand(shape, generator=g) < 0.3, halves, torch.randn(shape, generator=g) * 3)
+    want = torch.ops.qpipe.quantize(x, scale, 8)
+    k = cpu.Quantize(EXT, dict(scale=scale, bits=8))
+    got = k(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert int(want.min()) == -128 and int(want.max()) == 127
 
 
 def test_the_reference_quantizer_is_onnx_quantize_linear():
@@ -645,3 +683,18 @@ def test_f32_requant_conv1d_and_linear_are_bit_exact(ext, layer, data):
     want = torch.ops.qpipe.linear_rq(xl, wl, None, m, s, a["lo"], a["hi"], a["bits"], True)
     got = cpu.Linear(ext, dict(w=wl, bias=None, m=m, s=s, lo=a["lo"], hi=a["hi"], bits=a["bits"], f32=True), 8, fused=True)(xl)
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    """torch's builder would wait forever on the lock a killed build left; only a lock past any build's time goes."""
+    import time
+    import types
+
+    fake = types.SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path / name))
+    for name, age in (("old", cpu_ext._STALE_LOCK_S + 60), ("live", 5)):
+        (tmp_path / name).mkdir()
+        lock = tmp_path / name / "lock"
+        lock.touch()
+        os.utime(lock, (time.time() - age, time.time() - age))
+        cpu_ext._clear_stale_lock(fake, name)
+    assert not (tmp_path / "old" / "lock").exists() and (tmp_path / "live" / "lock").exists()
