@@ -450,18 +450,22 @@ def test_input_quantizer_is_bit_exact_including_exact_halves(ext, data):
 @pytest.mark.skipif(EXT is None, reason="the C++ kernels did not build here")
 def test_input_quantizer_over_a_whole_batch_is_bit_exact():
     """8 x 64 x 1601 features: whole 64-step tiles and the ragged last one, split between threads, with exact
-    halves of the scale and saturation in every tile."""
+    halves of the scale and saturation in every tile; 40 channels x 100 steps: the 16 x 16 transposed blocks
+    with channels and times left over."""
     g = torch.Generator().manual_seed(3)
-    shape = (8, 64, 1601)
-    scale = 0.0371
-    s32 = torch.tensor(scale, dtype=torch.float32)
-    halves = (torch.randint(-140, 140, shape, generator=g).to(torch.float32) + 0.5) * s32
-    x = torch.where(torch.rand(shape, generator=g) < 0.3, halves, torch.randn(shape, generator=g) * 3)
-    want = torch.ops.qpipe.quantize(x, scale, 8)
-    k = cpu.Quantize(EXT, dict(scale=scale, bits=8))
-    got = k(x)
-    assert got.dtype == want.dtype and torch.equal(got, want)
-    assert int(want.min()) == -128 and int(want.max()) == 127
+    for shape in ((8, 64, 1601), (2, 40, 100)):
+        scale = 0.0371
+        s32 = torch.tensor(scale, dtype=torch.float32)
+        halves = (torch.randint(-140, 140, shape, generator=g).to(torch.float32) + 0.5) * s32
+        x = torch.where(torch.rand(shape, generator=g) < 0.3, halves, torch.randn(shape, generator=g) * 3)
+        want = torch.ops.qpipe.quantize(x, scale, 8)
+        k = cpu.Quantize(EXT, dict(scale=scale, bits=8))
+        got = k(x)
+        assert got.dtype == want.dtype and torch.equal(got, want), shape
+        assert int(want.min()) == -128 and int(want.max()) == 127
+        if k.can_emit_f32:
+            k.emit_f32 = True
+            assert torch.equal(k(x), want.to(torch.float32)), shape
 
 
 def test_the_reference_quantizer_is_onnx_quantize_linear():

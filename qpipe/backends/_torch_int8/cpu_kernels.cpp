@@ -345,6 +345,33 @@ torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, i
   return out;
 }
 
+#if defined(__AVX512F__)
+// r[i] (row i of a 16 x 16 float block) becomes column i. In-lane unpacks and shuffles leave
+// u[4g + k] holding, in 128-bit lane L, rows 4g..4g+3 at column 4L + k; a 4 x 4 transpose of
+// 128-bit lanes across u[k], u[4+k], u[8+k], u[12+k] then gives the columns 4L + k.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), v1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), w1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[4 + k] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+#endif
+
 // The input quantizer, ONNX QuantizeLinear as qpipe.quantize computes it: the float32
 // quotient x / scale (IEEE division; scale rounded to float32 first, as the reference
 // does), rounded half to even (nearbyint in the default rounding mode), clamped to
@@ -375,8 +402,24 @@ void quantize_tiles(const float* xd, OutT* od, int64_t B, int64_t C, int64_t T, 
         }
       }
       OutT* __restrict o = od + (b * T + t0) * C;
-      for (int64_t tt = 0; tt < nt; ++tt)
-        for (int64_t c = 0; c < C; ++c) o[tt * C + c] = (OutT)tl[c * TQ + tt];
+      int64_t c16 = 0, t16 = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+      c16 = C / 16 * 16;
+      t16 = nt / 16 * 16;
+      for (int64_t c0 = 0; c0 < c16; c0 += 16)
+        for (int64_t tt0 = 0; tt0 < t16; tt0 += 16) {
+          __m512 r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(tl + (c0 + i) * TQ + tt0);
+          transpose16x16(r);
+          for (int j = 0; j < 16; ++j) {
+            OutT* dst = o + (tt0 + j) * C + c0;
+            if constexpr (sizeof(OutT) == 1) _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r[j])));
+            else _mm512_storeu_ps((float*)dst, r[j]);
+          }
+        }
+#endif
+      for (int64_t tt = 0; tt < nt; ++tt)  // what the 16 x 16 blocks left: the last channels, the last times
+        for (int64_t c = (tt < t16 ? c16 : 0); c < C; ++c) o[tt * C + c] = (OutT)tl[c * TQ + tt];
     }
     special += bad;
   });
