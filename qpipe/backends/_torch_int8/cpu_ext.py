@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import threading
+import time
 from typing import Any, Optional
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
@@ -45,8 +46,6 @@ _STALE_LOCK_S = 15 * 60
 def _clear_stale_lock(cpp_extension: Any, name: str) -> None:
     """torch's builder waits forever on the lock file of a build that was killed mid-way, so every later
     ``load`` of the model would hang; a lock far older than any build is removed first."""
-    import time
-
     try:
         lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
         if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:

@@ -264,12 +264,14 @@ inline void add_span(const AT* __restrict a, const BT* __restrict b, OutT* __res
 // The same sum in double, 16 codes per step: exact while 255 * (|ma| + |mb|) + half < 2**53, so v
 // is the integer itself and v * 2**-s (a power of two, exact) floored is the arithmetic shift.
 // (The scalar int64 loop above does not vectorize: AVX-512 has no cheap 64-bit multiply.)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 template <typename T>
 inline __m512i load16_epi32(const T* p) {
   const __m128i v = _mm_loadu_si128((const __m128i*)p);
   if constexpr (std::is_same<T, uint8_t>::value) return _mm512_cvtepu8_epi32(v);
   else return _mm512_cvtepi8_epi32(v);
 }
+#endif
 
 template <typename AT, typename BT, typename OutT>
 inline void add_span_f64(const AT* __restrict a, const BT* __restrict b, OutT* __restrict o, int64_t n,
