@@ -475,6 +475,9 @@ namespace {
 inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1); }
 inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1)); }
 
+#define QPIPE_INLINE __attribute__((always_inline)) inline
+#define QPIPE_INLINE_LAMBDA __attribute__((always_inline))
+
 // The fused epilogue's per-channel constants, padded with zeros to whole 64-channel blocks so that a
 // block's loads never go past them: the bias as double (exact: callers keep |bias| < 2**52), the multiplier.
 inline void epilogue_constants(const torch::Tensor& bias, const torch::Tensor& mult, bool fused, int64_t n,
@@ -515,12 +518,45 @@ inline __m512i rq_f32_16(__m512i acc, const double* bias, const float* mult, __m
   return _mm512_cvtps_epi32(r);
 }
 
+// Where a VNNI kernel's 16-channel results go: the int32 accumulators as they are, or requantized
+// (rq_f32_16) to 8/16-bit codes. One place for both kernels' stores.
+struct Epilogue {
+  bool fused = false;
+  int64_t osz = 4;  // bytes per output element
+  char* od = nullptr;
+  const double* bias = nullptr;
+  const float* mult = nullptr;
+  __m512 lo, hi;
+
+  // the 16 lanes of acc are output elements e .. e+15, channels c .. c+15 (m: which exist)
+  QPIPE_INLINE void store16(int64_t e, int64_t c, __mmask16 m, __m512i acc) const {
+    if (!fused) {
+      _mm512_mask_storeu_epi32(od + e * 4, m, acc);
+      return;
+    }
+    const __m512i q = rq_f32_16(acc, bias + c, mult + c, lo, hi);
+    if (osz == 1) _mm512_mask_cvtepi32_storeu_epi8(od + e, m, q);
+    else _mm512_mask_cvtepi32_storeu_epi16(od + e * 2, m, q);
+  }
+};
+
+// The plain or requantizing epilogue writing into out (bd, md: epilogue_constants).
+inline Epilogue make_epilogue(torch::Tensor& out, bool fused, const std::vector<double>& bd, const std::vector<float>& md,
+                              int64_t lo, int64_t hi) {
+  Epilogue e;
+  e.fused = fused;
+  e.osz = out.element_size();
+  e.od = (char*)out.data_ptr();
+  e.bias = bd.data();
+  e.mult = md.data();
+  e.lo = _mm512_set1_ps((float)lo);
+  e.hi = _mm512_set1_ps((float)hi);
+  return e;
+}
+
 // The micro-kernels are templates on their row count so that every accumulator index is a
 // compile-time constant and the accumulators stay in registers (with a run-time row count
 // GCC kept them on the stack: a load and a store around every vpdpbusd).
-#define QPIPE_INLINE __attribute__((always_inline)) inline
-#define QPIPE_INLINE_LAMBDA __attribute__((always_inline))
-
 
 // acc += dot4(u8 a, s8 w) per int32 lane, in place. With the intrinsic GCC copied every
 // accumulator to a fresh register and back around each vpdpbusd and folded the weight loads
@@ -633,9 +669,7 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
   std::vector<double> bd;
   std::vector<float> md;
   epilogue_constants(bias, mult, fused, C, ncb, bd, md);
-  const __m512 vlo = _mm512_set1_ps((float)lo), vhi = _mm512_set1_ps((float)hi);
-  char* od = (char*)out.data_ptr();
-  const int64_t osz = out.element_size();
+  const Epilogue epi = make_epilogue(out, fused, bd, md, lo, hi);
   const int64_t ntile = (Tout + TT - 1) / TT;
   const int64_t qspan = 4 * dil * (KQ - 1);  // Q rows one output reaches past its first
   const __m512i flip = _mm512_set1_epi8(sgn ? (char)0x80 : 0);  // also the (shifted) zero of the padding
@@ -671,17 +705,8 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
           auto store = [&](int u, const __m512i* o) QPIPE_INLINE_LAMBDA {
             if (u >= nb) return;
             const int64_t row = (b * Tout + t0 + tb + u) * C + c0;  // element index of channel c0
-            for (int L = 0; L < 4; ++L) {
-              if (!sm[L]) continue;
-              const int64_t c = c0 + 16 * L;
-              if (!fused) {
-                _mm512_mask_storeu_epi32(od + (row + 16 * L) * 4, sm[L], o[L]);
-                continue;
-              }
-              const __m512i r = rq_f32_16(o[L], bd.data() + c, md.data() + c, vlo, vhi);
-              if (osz == 1) _mm512_mask_cvtepi32_storeu_epi8(od + (row + 16 * L), sm[L], r);
-              else _mm512_mask_cvtepi32_storeu_epi16(od + (row + 16 * L) * 2, sm[L], r);
-            }
+            for (int L = 0; L < 4; ++L)
+              if (sm[L]) epi.store16(row + 16 * L, c0 + 16 * L, sm[L], o[L]);
           };
           const __m512i* q0 = qbuf.data() + 4 * tb * stride;
           const int64_t su = 4 * stride, sk = 16 * dil;
@@ -731,9 +756,7 @@ torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
   std::vector<double> bd;
   std::vector<float> md;
   epilogue_constants(bias, mult, fused, N, nnb, bd, md);
-  const __m512 vlo = _mm512_set1_ps((float)lo), vhi = _mm512_set1_ps((float)hi);
-  char* od = (char*)out.data_ptr();
-  const int64_t osz = out.element_size();
+  const Epilogue epi = make_epilogue(out, fused, bd, md, lo, hi);
   const int64_t nmb = (M + MB - 1) / MB;
   const int64_t kfull = K / 4;  // whole quads; a tail of K % 4 bytes is read byte by byte
   at::parallel_for(0, nmb * nnb, 1, [&](int64_t begin, int64_t end) {
@@ -752,17 +775,8 @@ torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
           if (r >= nr) return;
           const __m512i acc[4] = {a0, a1, a2, a3};
           const int64_t row = (m0 + r) * N + n0;
-          for (int v = 0; v < 4; ++v) {
-            if (!sm[v]) continue;
-            const int64_t c = n0 + 16 * v;
-            if (!fused) {
-              _mm512_mask_storeu_epi32(od + (row + 16 * v) * 4, sm[v], acc[v]);
-              continue;
-            }
-            const __m512i q = rq_f32_16(acc[v], bd.data() + c, md.data() + c, vlo, vhi);
-            if (osz == 1) _mm512_mask_cvtepi32_storeu_epi8(od + (row + 16 * v), sm[v], q);
-            else _mm512_mask_cvtepi32_storeu_epi16(od + (row + 16 * v) * 2, sm[v], q);
-          }
+          for (int v = 0; v < 4; ++v)
+            if (sm[v]) epi.store16(row + 16 * v, n0 + 16 * v, sm[v], acc[v]);
         };
         pw_tile4(xr, wc, K, kfull, flip, store);
       }
