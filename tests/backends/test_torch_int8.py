@@ -702,3 +702,34 @@ def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(tmp_path):
         os.utime(lock, (time.time() - age, time.time() - age))
         cpu_ext._clear_stale_lock(fake, name)
     assert not (tmp_path / "old" / "lock").exists() and (tmp_path / "live" / "lock").exists()
+
+
+@pytest.mark.skipif(not VNNI, reason="the C++ kernels have no AVX-512 VNNI here")
+@pytest.mark.parametrize("kind", ["pointwise", "depthwise"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_vnni_epilogue_sums_in_int32_only_where_it_cannot_overflow(kind, dtype):
+    """The fused VNNI epilogue adds the bias in int32 where ``255 * sum|w| + |bias| < 2**31`` (one
+    vpaddd, one rounding to float32) and in double otherwise; a bias just past that bound, whose int32
+    sum would wrap, and one of 2**40 take the double path and still give the reference's integers."""
+    from qpipe.ir.ops.kernels import f32_multiplier
+
+    g = torch.Generator().manual_seed(5)
+    c, k = 40, (1 if kind == "pointwise" else 7)
+    w = torch.full((c, c if kind == "pointwise" else 1, k), 127, dtype=torch.int8)  # large accumulators
+    bound = 255 * int(w.to(torch.int64).abs().reshape(c, -1).sum(1).max())
+    x = (torch.full((2, c, 50), 127 if dtype == torch.int8 else 255, dtype=dtype)
+         .transpose(1, 2).contiguous().transpose(1, 2))
+    m, s = f32_multiplier(2.0 ** -30)
+    geo = dict(stride=[1], padding=[k // 2], dilation=[1], groups=1 if kind == "pointwise" else c)
+    for big in (0, (1 << 31) - bound // 4, 1 << 40):  # the middle one: acc + bias passes 2**31 at these codes
+        bias = torch.randint(-1000, 1000, (c,), generator=g, dtype=torch.int64) + big
+        a = dict(w=w, bias=bias, m=torch.tensor([m]), s=torch.tensor([s]), lo=-128, hi=127, bits=8, f32=True, **geo)
+        conv = cpu.Conv(EXT, a, 8, fused=True, x_unsigned=dtype == torch.uint8)
+        assert conv.kind == ("pw-vnni" if kind == "pointwise" else "dw-vnni")
+        want = torch.ops.qpipe.conv1d_rq(x, w, bias, a["m"], a["s"], geo["stride"], geo["padding"], geo["dilation"],
+                                         geo["groups"], -128, 127, 8, True)
+        got = conv(x)
+        assert torch.equal(got, want), (big, int((got != want).sum()))
+        taken = cpu.vnni_bias(conv.post.bias_shifted if dtype == torch.int8 else conv.post.bias,
+                              255 * w.to(torch.int64).abs().reshape(c, -1).sum(1))
+        assert taken.dtype == (torch.int32 if big == 0 else torch.int64), big

@@ -259,6 +259,15 @@ def vnni_ok(ext: Any) -> bool:
     return ext is not None and hasattr(ext, "pw_gemm_vnni") and bool(ext.dw_vnni_available())
 
 
+def vnni_bias(bias: Tensor, acc_bound: Tensor) -> Tensor:
+    """The bias a fused VNNI kernel takes: int32 where every ``acc + bias`` provably fits int32
+    (``acc_bound + |bias| < 2**31`` on every channel; the kernel then adds in int32 and rounds the sum to
+    float32 once, two instructions), else the int64 one (summed in double, then rounded): the same fl32."""
+    if bias.numel() and bool(((acc_bound + bias.abs()) < I32_EXACT).all()):
+        return bias.to(torch.int32)
+    return bias
+
+
 class VnniGemm:
     """``pw_gemm_vnni``: u8 x s8 on the codes themselves (an int8 input read as ``x + 128``), int32,
     exact below 2**31; :meth:`run` fuses a float32-faithful requant into the kernel.
@@ -277,6 +286,8 @@ class VnniGemm:
         wp[:n, :k] = w
         self.wp = wp.view(nnb, 4, 16, kq, 4).permute(0, 3, 1, 2, 4).contiguous()  # (nnb, kq, 4 v, 16 n, 4 k)
         self.w64t = w.to(torch.float64).t().contiguous()
+        self.acc_bound = 255 * w.to(torch.int64).abs().sum(1)  # u8 codes times |w|: every accumulator is below it
+        self._bias: dict[bool, Tensor] = {}  # shifted -> the bias the kernel takes (one Requant per GEMM)
 
     def __call__(self, x: Tensor) -> Tensor:
         """Any other integer input (never in a planned program): float64, exact below 2**53."""
@@ -288,7 +299,9 @@ class VnniGemm:
         shifted = rows.dtype == torch.int8
         if isinstance(post, Requant) and post.mult is not None and post.ext is not None and post.small_bias \
                 and not post.emit_f32:
-            bias = post.bias_shifted if shifted else post.bias
+            bias = self._bias.get(shifted)
+            if bias is None:
+                bias = self._bias[shifted] = vnni_bias(post.bias_shifted if shifted else post.bias, self.acc_bound)
             return self.ext.pw_gemm_vnni(rows, self.wp, self.n, bias, post.mult, post.lo, post.hi, out_code(post.dtype))
         return post(self.ext.pw_gemm_vnni(rows, self.wp, self.n, _NO_BIAS, _NO_MULT, 0, 0, 0), shifted)
 
@@ -463,6 +476,9 @@ class Conv:
         self.vnni_fused = (
             self.kind == "dw-vnni" and isinstance(p, Requant) and p.mult is not None and p.ext is not None and p.small_bias
         )
+        if self.vnni_fused:
+            bound = 255 * w.to(torch.int64).abs().reshape(self.co, -1).sum(1)
+            self.vnni_bias = {sh: vnni_bias(p.bias_shifted if sh else p.bias, bound) for sh in (False, True)}
 
     @property
     def emit_f32(self) -> bool:
@@ -513,7 +529,7 @@ class Conv:
         shifted = x.dtype == torch.int8  # the kernel reads int8 codes as x + 128
         ext, p, geo = self.ext, self.post, (self.k, self.stride[0], self.padding[0], self.dilation[0])
         if self.vnni_fused:
-            bias = p.bias_shifted if shifted else p.bias
+            bias = self.vnni_bias[shifted]
             out = ext.dw_conv1d_vnni(xt, self.w_vnni, *geo, bias, p.mult, p.lo, p.hi, out_code(p.dtype))
             return out.transpose(1, 2)
         acc = ext.dw_conv1d_vnni(xt, self.w_vnni, *geo, _NO_BIAS, _NO_MULT, 0, 0, 0)
