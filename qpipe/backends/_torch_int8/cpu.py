@@ -479,6 +479,23 @@ class Conv:
         if self.vnni_fused:
             bound = 255 * w.to(torch.int64).abs().reshape(self.co, -1).sum(1)
             self.vnni_bias = {sh: vnni_bias(p.bias_shifted if sh else p.bias, bound) for sh in (False, True)}
+        self.call_cl = self._channels_last_call()
+
+    def _channels_last_call(self):
+        """One C++ call for a fused VNNI conv on 8-bit codes, layout glue included (``*_conv1d_cl``), or None."""
+        p = self.post
+        if self.dims != 1 or not isinstance(p, Requant) or p.ext is None or not hasattr(p.ext, "pw_conv1d_cl"):
+            return None
+        if self.vnni_fused:
+            ext, w4, geo, b = p.ext, self.w_vnni, (self.k, self.stride[0], self.padding[0], self.dilation[0]), self.vnni_bias
+            args = (b[True], b[False], p.mult, p.lo, p.hi, out_code(p.dtype))
+            return lambda x: ext.dw_conv1d_cl(x, w4, *geo, *args)
+        g = getattr(self, "gemm", None)
+        if self.kind == "pw-vnni" and p.mult is not None and p.small_bias and not p.emit_f32:
+            ext, wp, n, bound = p.ext, g.wp, g.n, g.acc_bound
+            args = (vnni_bias(p.bias_shifted, bound), vnni_bias(p.bias, bound), p.mult, p.lo, p.hi, out_code(p.dtype))
+            return lambda x: ext.pw_conv1d_cl(x, wp, n, *args)
+        return None
 
     @property
     def emit_f32(self) -> bool:
@@ -487,9 +504,12 @@ class Conv:
     @emit_f32.setter
     def emit_f32(self, on: bool) -> None:
         self.post.emit_f32 = bool(on) and self.can_emit_f32
+        self.call_cl = self._channels_last_call()  # an fp32 output is not the fused kernels' own
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.kind == "dw-vnni" and x.dtype in (torch.int8, torch.uint8):
+        if self.call_cl is not None and x.dtype in _EIGHT and x.dim() == 3:
+            return self.call_cl(x)
+        if self.kind == "dw-vnni" and x.dtype in _EIGHT:
             return self._call_vnni(x)
         if self.kind in ("f64-conv", "dw-vnni") or (
             self.kind == "f32-conv-cl" and x.dtype == torch.uint8 and self.bound_u8 >= F32_EXACT
@@ -561,6 +581,7 @@ class Conv:
 
 
 _NO_BIAS = torch.empty(0, dtype=torch.int64)
+_EIGHT = (torch.int8, torch.uint8)
 _NO_MULT = torch.empty(0, dtype=torch.float32)
 
 
@@ -640,14 +661,12 @@ class AddRequant:
         self.ext = ext if ok else None
         if self.ext is not None:
             self.args = (int(self.ma.reshape(-1)[0]), int(self.mb.reshape(-1)[0]), int(self.s.reshape(-1)[0]))
+            self.code = out_code(self.dtype)
 
     def __call__(self, a: Tensor, b: Tensor) -> Tensor:
-        eight = (torch.int8, torch.uint8)
-        if self.ext is not None and a.dtype in eight and b.dtype in eight and a.shape == b.shape:
-            code = out_code(self.dtype)
-            if a.dim() == 3 and a.transpose(1, 2).is_contiguous() and b.transpose(1, 2).is_contiguous():
-                return self.ext.add_rq(a.transpose(1, 2), b.transpose(1, 2), *self.args, self.lo, self.hi, code).transpose(1, 2)
-            if a.is_contiguous() and b.is_contiguous():
-                return self.ext.add_rq(a, b, *self.args, self.lo, self.hi, code)
+        if self.ext is not None and a.dtype in _EIGHT and b.dtype in _EIGHT:
+            out = self.ext.add_rq_cl(a, b, *self.args, self.lo, self.hi, self.code)  # None: a layout it does not take
+            if out is not None:
+                return out
         v = a.to(torch.int64) * self.ma.to(torch.int64) + b.to(torch.int64) * self.mb.to(torch.int64)
         return round_shift(v, self.s).clamp(self.lo, self.hi).to(self.dtype)

@@ -347,6 +347,18 @@ torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, i
   return out;
 }
 
+// add_rq as the program calls it: a, b of one shape, each channels-last (B, C, T) views or both
+// contiguous; the result in the same layout. Returns an undefined tensor (None) for any other layout,
+// which the caller then handles (each Python-side transpose or layout check costs about a microsecond).
+torch::Tensor add_rq_cl(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, int64_t s, int64_t lo, int64_t hi,
+                        int64_t out_code) {
+  if (a.sizes() != b.sizes()) return torch::Tensor();
+  if (a.dim() == 3 && a.transpose(1, 2).is_contiguous() && b.transpose(1, 2).is_contiguous())
+    return add_rq(a.transpose(1, 2), b.transpose(1, 2), ma, mb, s, lo, hi, out_code).transpose(1, 2);
+  if (a.is_contiguous() && b.is_contiguous()) return add_rq(a, b, ma, mb, s, lo, hi, out_code);
+  return torch::Tensor();
+}
+
 #if defined(__AVX512F__)
 // r[i] (row i of a 16 x 16 float block) becomes column i. In-lane unpacks and shuffles leave
 // u[4g + k] holding, in 128-bit lane L, rows 4g..4g+3 at column 4L + k; a 4 x 4 transpose of
@@ -842,13 +854,42 @@ torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
   return out;
 }
 
+// The two VNNI convs as the program calls them: x the (B, C, T) view of channels-last (B, T, C) 8-bit
+// codes, the result the (B, N, T) view of (B, T, N) storage, the bias for int8 (shifted: read as x + 128)
+// or uint8 codes picked by x's dtype. The layout glue lives here because each Python-side transpose,
+// reshape and view costs about a microsecond, some 5 us a layer at batch 1 (a 17-25 us kernel).
+inline torch::Tensor channels_last_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8), "conv1d_cl: x must be int8/uint8 (B,C,T)");
+  torch::Tensor xt = x.transpose(1, 2);
+  return xt.is_contiguous() ? xt : xt.contiguous();
+}
+
+torch::Tensor pw_conv1d_cl(torch::Tensor x, torch::Tensor wp, int64_t N, torch::Tensor bias_s8, torch::Tensor bias_u8,
+                           torch::Tensor mult, int64_t lo, int64_t hi, int64_t out_code) {
+  const torch::Tensor xt = channels_last_rows(x);
+  const int64_t B = xt.size(0), T = xt.size(1);
+  const torch::Tensor& bias = x.dtype() == torch::kInt8 ? bias_s8 : bias_u8;
+  return pw_gemm_vnni(xt.view({B * T, xt.size(2)}), wp, N, bias, mult, lo, hi, out_code).view({B, T, N}).transpose(1, 2);
+}
+
+torch::Tensor dw_conv1d_cl(torch::Tensor x, torch::Tensor w4, int64_t K, int64_t stride, int64_t pad, int64_t dil,
+                           torch::Tensor bias_s8, torch::Tensor bias_u8, torch::Tensor mult, int64_t lo, int64_t hi,
+                           int64_t out_code) {
+  const torch::Tensor xt = channels_last_rows(x);
+  const torch::Tensor& bias = x.dtype() == torch::kInt8 ? bias_s8 : bias_u8;
+  return dw_conv1d_vnni(xt, w4, K, stride, pad, dil, bias, mult, lo, hi, out_code).transpose(1, 2);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8/uint8");
   mod.def("dw_vnni_available", &dw_vnni_available, "built with AVX-512 VNNI (dw_conv1d_vnni works)");
   mod.def("dw_conv1d_vnni", &dw_conv1d_vnni, "depthwise conv1d, 8-bit codes, int32 out or fused f32 requant (AVX-512 VNNI)");
   mod.def("pw_gemm_vnni", &pw_gemm_vnni, "pointwise GEMM, 8-bit codes, int32 out or fused f32 requant (AVX-512 VNNI)");
+  mod.def("pw_conv1d_cl", &pw_conv1d_cl, "pw_gemm_vnni, fused requant, on (B,C,T) views of channels-last codes");
+  mod.def("dw_conv1d_cl", &dw_conv1d_cl, "dw_conv1d_vnni, fused requant, on (B,C,T) views of channels-last codes");
   mod.def("requant_cols", &requant_cols, "per-column dyadic requant of an fp32/int32 accumulator");
   mod.def("requant_f32_cols", &requant_f32_cols, "per-column float32-faithful requant of an fp32/int32 accumulator");
   mod.def("quantize_cl", &quantize_cl, "input quantizer, channels-last out");
   mod.def("add_rq", &add_rq, "residual add with dyadic requant");
+  mod.def("add_rq_cl", &add_rq_cl, "add_rq on channels-last views or contiguous tensors (None otherwise)");
 }
