@@ -286,16 +286,21 @@ def test_add_requant_is_bit_exact_including_ties_and_saturation(ext, data):
 @pytest.mark.parametrize("dtypes", [(torch.int8, torch.int8), (torch.uint8, torch.int8), (torch.int8, torch.uint8),
                                     (torch.uint8, torch.uint8)])
 def test_add_requant_over_whole_layers_is_bit_exact(dtypes):
-    """A 15x5-sized residual (8 x 401 x 192): the 16-wide double loop, its tail and both threads' halves, with
-    ties (an odd code times 2**29 >> 30), saturation, every output width, and multipliers past 2**53 / 255
-    (the int64 loop)."""
+    """A 15x5-sized residual (8 x 401 x 192): the 32-wide int32 limb loop and the 16-wide double loop, their
+    tails and both threads' halves, with ties (an odd code times 2**29 >> 30), saturation, every output width,
+    and multipliers past 2**53 / 255 (the int64 loop)."""
     g = torch.Generator().manual_seed(7)
     shape = (8, 401, 192)
     a, b = (torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if d == torch.uint8 else
             torch.randint(-128, 128, shape, generator=g, dtype=torch.int8) for d in dtypes)
     cases = [(1 << 29, 1 << 30, 30, -128, 127, 8), (1 << 29, 1 << 30, 30, 0, 255, 8),
              (1_500_000_001, 700_000_003, 31, -32768, 32767, 16), (12345, 54321, 10, -128, 127, 8),
-             (1 << 50, 3 << 47, 52, -128, 127, 8), (1, 1, 0, -127, 127, 8)]
+             (1 << 50, 3 << 47, 52, -128, 127, 8), (1, 1, 0, -127, 127, 8),
+             # the int32 limb path (16 <= s <= 46) at its edges: s = 16 (half in the low limb), s = 46, a low
+             # limb at -2**15, a negative multiplier, and a high limb past int16 (the double path instead)
+             (70_000, 90_001, 16, -128, 127, 8), ((1 << 30) + 12345, 3, 46, -128, 127, 8),
+             ((7 << 16) + 32768, (5 << 16) - 32768, 20, 0, 255, 8), (-5_000_000, 7_000_000, 24, -32768, 32767, 16),
+             ((1 << 31) - 1, (1 << 31) - 20_000, 31, -128, 127, 8)]
     for ma, mb, s, lo, hi, bits in cases:
         ma, mb, s = torch.tensor(ma), torch.tensor(mb), torch.tensor(s)
         want = torch.ops.qpipe.add_requant(a, b, ma, mb, s, lo, hi, bits)

@@ -302,9 +302,65 @@ inline void add_span_f64(const AT* __restrict a, const BT* __restrict b, OutT* _
   }
 }
 
+// The same sum in int32, 32 codes per step, for 16 <= s <= 46: each multiplier split as
+// m = mh * 2**16 + ml with both halves signed 16-bit (ml in [-2**15, 2**15)), so that one vpmaddwd of the
+// interleaved (a, b) words gives H = a*mah + b*mbh and another L = a*mal + b*mbl, both below 2**25. With
+// half = 2**(s-1) in H (s > 16) or L (s = 16), a*ma + b*mb + half = H * 2**16 + L, and
+// floor(that / 2**s) = (H + (L >> 16)) >> (s - 16): L's low 16 bits cannot carry across a multiple of
+// 2**s. About twice the double path's speed (fewer, single-width operations).
+struct AddLimbs {
+  int32_t h = 0, l = 0, hh = 0, hl = 0;  // (mah | mbh << 16), (mal | mbl << 16), half's share of H and of L
+  int shift = 0;                        // s - 16
+};
+
+inline bool add_limbs(int64_t ma, int64_t mb, int64_t s, AddLimbs& k) {
+  if (s < 16 || s > 46) return false;
+  const int64_t mah = (ma + 32768) >> 16, mbh = (mb + 32768) >> 16;
+  if (mah < -32768 || mah > 32767 || mbh < -32768 || mbh > 32767) return false;
+  const int64_t mal = ma - mah * 65536, mbl = mb - mbh * 65536;  // in [-32768, 32767]
+  k.h = (int32_t)((uint32_t)(uint16_t)mah | ((uint32_t)(uint16_t)mbh << 16));
+  k.l = (int32_t)((uint32_t)(uint16_t)mal | ((uint32_t)(uint16_t)mbl << 16));
+  k.hh = s > 16 ? (int32_t)(int64_t(1) << (s - 17)) : 0;
+  k.hl = s == 16 ? 32768 : 0;
+  k.shift = (int)(s - 16);
+  return true;
+}
+
+template <typename AT, typename BT, typename OutT>
+inline void add_span_limbs(const AT* __restrict a, const BT* __restrict b, OutT* __restrict o, int64_t n, const AddLimbs& k,
+                           int64_t ma, int64_t mb, int64_t half, int64_t s, int64_t lo, int64_t hi) {
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512i vh = _mm512_set1_epi32(k.h), vl = _mm512_set1_epi32(k.l), vhh = _mm512_set1_epi32(k.hh),
+                vhl = _mm512_set1_epi32(k.hl), vlo = _mm512_set1_epi32((int)lo), vhi = _mm512_set1_epi32((int)hi);
+  const __m128i cnt = _mm_cvtsi32_si128(k.shift);
+  auto words = [](auto* p) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    if constexpr (std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, uint8_t>::value) return _mm512_cvtepu8_epi16(v);
+    else return _mm512_cvtepi8_epi16(v);
+  };
+  auto half_sum = [&](__m512i pairs) {  // 16 interleaved (a, b) pairs -> 16 clamped results
+    const __m512i hsum = _mm512_add_epi32(_mm512_madd_epi16(pairs, vh), vhh);
+    const __m512i lsum = _mm512_add_epi32(_mm512_madd_epi16(pairs, vl), vhl);
+    const __m512i r = _mm512_sra_epi32(_mm512_add_epi32(hsum, _mm512_srai_epi32(lsum, 16)), cnt);
+    return _mm512_min_epi32(_mm512_max_epi32(r, vlo), vhi);
+  };
+  for (; i + 32 <= n; i += 32) {
+    const __m512i aw = words(a + i), bw = words(b + i);
+    // in each 128-bit lane: unpacklo holds elements 8L..8L+3, unpackhi 8L+4..8L+7; packs puts them back in order
+    const __m512i r = _mm512_packs_epi32(half_sum(_mm512_unpacklo_epi16(aw, bw)), half_sum(_mm512_unpackhi_epi16(aw, bw)));
+    if constexpr (sizeof(OutT) == 1) _mm256_storeu_si256((__m256i*)(o + i), _mm512_cvtepi16_epi8(r));
+    else _mm512_storeu_si512((void*)(o + i), r);
+  }
+#endif
+  if (i < n) add_span<AT, BT, OutT>(a + i, b + i, o + i, n - i, ma, mb, half, s, lo, hi);
+}
+
 template <typename AT, typename BT, typename OutT>
 inline void add_any(const AT* a, const BT* b, OutT* o, int64_t n, int64_t ma, int64_t mb, int64_t half, int64_t s,
                     int64_t lo, int64_t hi) {
+  AddLimbs k;
+  if (add_limbs(ma, mb, s, k)) return add_span_limbs<AT, BT, OutT>(a, b, o, n, k, ma, mb, half, s, lo, hi);
   const double bound = 255.0 * ((double)std::abs(ma) + (double)std::abs(mb)) + (double)half;
   if (bound < 9007199254740992.0 && s <= 63)  // 2**53
     add_span_f64<AT, BT, OutT>(a, b, o, n, (double)ma, (double)mb, (double)half, std::ldexp(1.0, -(int)s), (double)lo,
