@@ -268,6 +268,18 @@ def vnni_bias(bias: Tensor, acc_bound: Tensor) -> Tensor:
     return bias
 
 
+def kernel_requant(post: Any) -> bool:
+    """Whether the VNNI kernels run ``post`` in their own epilogue: a float32-faithful requant with C++, a
+    bias below 2**52 and an integer (not fp32) output."""
+    return isinstance(post, Requant) and post.mult is not None and post.ext is not None and post.small_bias \
+        and not post.emit_f32
+
+
+def vnni_biases(post: "Requant", acc_bound: Tensor) -> tuple[Tensor, Tensor]:
+    """(bias for int8 codes, read as x + 128; bias for uint8 codes), each as :func:`vnni_bias` gives it."""
+    return vnni_bias(post.bias_shifted, acc_bound), vnni_bias(post.bias, acc_bound)
+
+
 class VnniGemm:
     """``pw_gemm_vnni``: u8 x s8 on the codes themselves (an int8 input read as ``x + 128``), int32,
     exact below 2**31; :meth:`run` fuses a float32-faithful requant into the kernel.
@@ -286,8 +298,14 @@ class VnniGemm:
         wp[:n, :k] = w
         self.wp = wp.view(nnb, 4, 16, kq, 4).permute(0, 3, 1, 2, 4).contiguous()  # (nnb, kq, 4 v, 16 n, 4 k)
         self.w64t = w.to(torch.float64).t().contiguous()
-        self.acc_bound = 255 * w.to(torch.int64).abs().sum(1)  # u8 codes times |w|: every accumulator is below it
-        self._bias: dict[bool, Tensor] = {}  # shifted -> the bias the kernel takes (one Requant per GEMM)
+        self.acc_bound = channel_bounds(w, 8, unsigned=True)  # the kernel's u8 codes: every accumulator is below it
+        self._biases: Optional[tuple[Tensor, Tensor]] = None
+
+    def biases(self, post: "Requant") -> tuple[Tensor, Tensor]:
+        """:func:`vnni_biases` of ``post``, made once (a GEMM has one requant)."""
+        if self._biases is None:
+            self._biases = vnni_biases(post, self.acc_bound)
+        return self._biases
 
     def __call__(self, x: Tensor) -> Tensor:
         """Any other integer input (never in a planned program): float64, exact below 2**53."""
@@ -297,11 +315,8 @@ class VnniGemm:
         """``post`` of ``rows @ w.T`` (rows: int8 / uint8 (M, K) contiguous); the correction of a
         shifted int8 input is ``post``'s ``corr`` (``-128 * sum_k w``)."""
         shifted = rows.dtype == torch.int8
-        if isinstance(post, Requant) and post.mult is not None and post.ext is not None and post.small_bias \
-                and not post.emit_f32:
-            bias = self._bias.get(shifted)
-            if bias is None:
-                bias = self._bias[shifted] = vnni_bias(post.bias_shifted if shifted else post.bias, self.acc_bound)
+        if kernel_requant(post):
+            bias = self.biases(post)[0 if shifted else 1]
             return self.ext.pw_gemm_vnni(rows, self.wp, self.n, bias, post.mult, post.lo, post.hi, out_code(post.dtype))
         return post(self.ext.pw_gemm_vnni(rows, self.wp, self.n, _NO_BIAS, _NO_MULT, 0, 0, 0), shifted)
 
@@ -396,10 +411,15 @@ def max_abs(x_bits: int, unsigned: bool = False) -> int:
     return (1 << x_bits) - 1 if unsigned else 1 << (x_bits - 1)
 
 
+def channel_bounds(w: Tensor, x_bits: int, unsigned: bool = False) -> Tensor:
+    """Per output channel, sum |w| times max|x|: no accumulator of that channel can exceed it."""
+    return w.to(torch.int64).abs().reshape(w.shape[0], -1).sum(1) * max_abs(x_bits, unsigned)
+
+
 def weight_bound(w: Tensor, x_bits: int, unsigned: bool = False) -> int:
-    """max over output channels of sum |w| times max|x|: no accumulator can exceed it."""
-    per = w.to(torch.int64).abs().reshape(w.shape[0], -1).sum(1)
-    return int(per.max()) * max_abs(x_bits, unsigned) if per.numel() else 0
+    """max over output channels of :func:`channel_bounds`: no accumulator can exceed it."""
+    per = channel_bounds(w, x_bits, unsigned)
+    return int(per.max()) if per.numel() else 0
 
 
 class Conv:
@@ -435,6 +455,7 @@ class Conv:
             # so its accumulator holds 128 * sum_k w more, taken off with the bias (``corr``)
             self.kind, self.ext = "dw-vnni", ext
             self.w_vnni, self.k = vnni_depthwise_weight(w), int(w.shape[2])
+            self.acc_bound = channel_bounds(w, 8, unsigned=True)  # the kernel's u8 codes
             corr = -shift_correction(w)
             self.w64 = w.to(torch.float64)  # an input that is not 8-bit codes (never in a planned program)
         elif pointwise and vnni_ok(ext) and self.bound_u8 < I32_EXACT:
@@ -471,31 +492,26 @@ class Conv:
         self.can_emit_f32 = (
             fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None and self.kind != "dw-vnni"
         )
-        # the float32-faithful requant runs inside the VNNI kernel: its int32 accumulators never reach memory
-        p = self.post
-        self.vnni_fused = (
-            self.kind == "dw-vnni" and isinstance(p, Requant) and p.mult is not None and p.ext is not None and p.small_bias
-        )
-        if self.vnni_fused:
-            bound = 255 * w.to(torch.int64).abs().reshape(self.co, -1).sum(1)
-            self.vnni_bias = {sh: vnni_bias(p.bias_shifted if sh else p.bias, bound) for sh in (False, True)}
         self.call_cl = self._channels_last_call()
 
     def _channels_last_call(self):
-        """One C++ call for a fused VNNI conv on 8-bit codes, layout glue included (``*_conv1d_cl``), or None."""
+        """One C++ call for a fused VNNI conv on 8-bit codes, layout glue included (``*_conv1d_cl``), or None:
+        the float32-faithful requant runs inside the kernel, its int32 accumulators never reach memory."""
         p = self.post
-        if self.dims != 1 or not isinstance(p, Requant) or p.ext is None or not hasattr(p.ext, "pw_conv1d_cl"):
-            return None
         if self.vnni_fused:
-            ext, w4, geo, b = p.ext, self.w_vnni, (self.k, self.stride[0], self.padding[0], self.dilation[0]), self.vnni_bias
-            args = (b[True], b[False], p.mult, p.lo, p.hi, out_code(p.dtype))
+            ext, w4, geo = p.ext, self.w_vnni, (self.k, self.stride[0], self.padding[0], self.dilation[0])
+            args = (*vnni_biases(p, self.acc_bound), p.mult, p.lo, p.hi, out_code(p.dtype))
             return lambda x: ext.dw_conv1d_cl(x, w4, *geo, *args)
-        g = getattr(self, "gemm", None)
-        if self.kind == "pw-vnni" and p.mult is not None and p.small_bias and not p.emit_f32:
-            ext, wp, n, bound = p.ext, g.wp, g.n, g.acc_bound
-            args = (vnni_bias(p.bias_shifted, bound), vnni_bias(p.bias, bound), p.mult, p.lo, p.hi, out_code(p.dtype))
+        if self.kind == "pw-vnni" and kernel_requant(p):
+            ext, wp, n = p.ext, self.gemm.wp, self.gemm.n
+            args = (*self.gemm.biases(p), p.mult, p.lo, p.hi, out_code(p.dtype))
             return lambda x: ext.pw_conv1d_cl(x, wp, n, *args)
         return None
+
+    @property
+    def vnni_fused(self) -> bool:
+        """A depthwise VNNI conv whose requant runs inside the kernel."""
+        return self.kind == "dw-vnni" and kernel_requant(self.post)
 
     @property
     def emit_f32(self) -> bool:
@@ -543,16 +559,13 @@ class Conv:
         return out[:, :, 0, :] if self.dims == 1 else out
 
     def _call_vnni(self, x: Tensor) -> Tensor:
-        """Depthwise conv1d on the 8-bit codes (``dw_conv1d_vnni``), requantized in the kernel where it can be."""
+        """Depthwise conv1d on the 8-bit codes (``dw_conv1d_vnni``) whose requant is not the kernel's own
+        (accumulator output or a dyadic pair): int32 accumulators, then ``post``. A fused one is ``call_cl``."""
         xt = x.transpose(1, 2)
         xt = xt if xt.is_contiguous() else xt.contiguous()
         shifted = x.dtype == torch.int8  # the kernel reads int8 codes as x + 128
-        ext, p, geo = self.ext, self.post, (self.k, self.stride[0], self.padding[0], self.dilation[0])
-        if self.vnni_fused:
-            bias = self.vnni_bias[shifted]
-            out = ext.dw_conv1d_vnni(xt, self.w_vnni, *geo, bias, p.mult, p.lo, p.hi, out_code(p.dtype))
-            return out.transpose(1, 2)
-        acc = ext.dw_conv1d_vnni(xt, self.w_vnni, *geo, _NO_BIAS, _NO_MULT, 0, 0, 0)
+        geo = (self.k, self.stride[0], self.padding[0], self.dilation[0])
+        acc = self.ext.dw_conv1d_vnni(xt, self.w_vnni, *geo, _NO_BIAS, _NO_MULT, 0, 0, 0)
         b, t, c = acc.shape
         return self.post(acc.view(b * t, c), shifted).view(b, t, c).transpose(1, 2)
 

@@ -586,26 +586,27 @@ inline void lanes_to_channels(const __m512i acc[4], __m512i out[4]) {
   out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);  // a3 b3 c3 d3
 }
 
-// 16 channels: clamp(round_half_even(fl32(acc + bias) * mult), lo, hi) as int32 lanes.
-inline __m512i rq_f32_16(__m512i acc, const double* bias, const float* mult, __m512 lo, __m512 hi) {
-  const __m512d a0 = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(acc)), _mm512_loadu_pd(bias));
-  const __m512d a1 = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(acc, 1)), _mm512_loadu_pd(bias + 8));
-  const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a0)), _mm512_cvtpd_ps(a1), 1);
+// v = fl32(acc + bias) of 16 channels: clamp(round_half_even(v * mult), lo, hi) as int32 lanes.
+inline __m512i rq_scale_16(__m512 v, const float* mult, __m512 lo, __m512 hi) {
   __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_loadu_ps(mult)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
   return _mm512_cvtps_epi32(r);
+}
+
+// The same from an int64 bias (as double: acc + bias exact, then one rounding to float32).
+inline __m512i rq_f32_16(__m512i acc, const double* bias, const float* mult, __m512 lo, __m512 hi) {
+  const __m512d a0 = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(acc)), _mm512_loadu_pd(bias));
+  const __m512d a1 = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(acc, 1)), _mm512_loadu_pd(bias + 8));
+  return rq_scale_16(_mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a0)), _mm512_cvtpd_ps(a1), 1), mult, lo, hi);
 }
 
 // The same from an int32 bias (see epilogue_constants): acc + bias in int32, one rounding to float32.
 inline __m512i rq_f32_16_i32(__m512i acc, const int32_t* bias, const float* mult, __m512 lo, __m512 hi) {
-  const __m512 v = _mm512_cvtepi32_ps(_mm512_add_epi32(acc, _mm512_loadu_si512(bias)));
-  __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_loadu_ps(mult)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-  return _mm512_cvtps_epi32(r);
+  return rq_scale_16(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, _mm512_loadu_si512(bias))), mult, lo, hi);
 }
 
 // Where a VNNI kernel's 16-channel results go: the int32 accumulators as they are, or requantized
-// (rq_f32_16) to 8/16-bit codes. One place for both kernels' stores.
+// (rq_f32_16 / rq_f32_16_i32) to 8/16-bit codes. One place for both kernels' stores.
 struct Epilogue {
   bool fused = false;
   int64_t osz = 4;  // bytes per output element
@@ -641,10 +642,6 @@ inline Epilogue make_epilogue(torch::Tensor& out, bool fused, const std::vector<
   e.hi = _mm512_set1_ps((float)hi);
   return e;
 }
-
-// The micro-kernels are templates on their row count so that every accumulator index is a
-// compile-time constant and the accumulators stay in registers (with a run-time row count
-// GCC kept them on the stack: a load and a store around every vpdpbusd).
 
 // acc += dot4(u8 a, s8 w) per int32 lane, in place. With the intrinsic GCC copied every
 // accumulator to a fresh register and back around each vpdpbusd and folded the weight loads
