@@ -13,21 +13,14 @@ is checked against the exact integer accumulator before it is timed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _kernel_timing import median_us
 
 
 def bench(fn, reps: int) -> float:
-    fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    """Median ms of ``reps`` calls after two untimed ones."""
+    return median_us(fn, reps, warmup=2) / 1e3
 
 
 def main() -> None:

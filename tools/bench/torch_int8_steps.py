@@ -14,20 +14,10 @@ Microseconds on a shared machine move between runs: compare the rows of one run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
-
-
-def _median_us(fn: Callable[[], object], calls: int) -> float:
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
+from _kernel_timing import rotated_medians
 
 
 def _cases(ext, batch: int, channels: int, frames: int) -> dict[str, Callable[[], object]]:
@@ -87,18 +77,11 @@ def main() -> None:
     if ext is None or not cpu.vnni_ok(ext):
         raise SystemExit(f"torch_int8_steps: needs the C++ kernels with AVX-512 VNNI ({cpu_ext.why_not() or 'no VNNI here'})")
     cases = _cases(ext, a.batch, a.channels, a.frames)
-    names = list(cases)
-    per_round: dict[str, list[float]] = {n: [] for n in names}
-    for rnd in range(a.rounds):
-        k = rnd % len(names)
-        for n in names[k:] + names[:k]:
-            for _ in range(5):
-                cases[n]()
-            per_round[n].append(_median_us(cases[n], a.calls))
+    medians = rotated_medians(cases, a.rounds, a.calls)
     print(f"batch {a.batch}, {a.channels} channels, {a.frames} frames, {a.threads} threads; "
           f"median over {a.rounds} rounds of {a.calls} calls (us)")
-    for n in names:
-        print(f"  {n:48s} {statistics.median(per_round[n]):9.1f}")
+    for n, us in medians.items():
+        print(f"  {n:48s} {us:9.1f}")
 
 
 if __name__ == "__main__":

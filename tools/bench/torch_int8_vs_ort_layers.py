@@ -7,16 +7,15 @@ one), so that per-call overheads and the input transposes spread over the chain 
 ORT gets a QLinearConv graph (its CPU provider turns it into NHWC ``com.microsoft.QLinearConv``); torch-int8
 runs the program's ``Conv`` kernel on channels-last codes. The integers are not compared (the layers are
 random and ORT rounds its own way); what this shows is where a kernel stands against ORT's on one shape.
-Rounds alternate which runtime goes first; the figure is the median over rounds of each round's median.
+Rounds rotate which runtime goes first; the figure is the median over rounds of each round's median.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
+from _kernel_timing import rotated_medians
 
 
 def _ort_chain(kind: str, w: np.ndarray, batch: int, channels: int, frames: int, layers: int, threads: int):
@@ -42,17 +41,6 @@ def _ort_chain(kind: str, w: np.ndarray, batch: int, channels: int, frames: int,
     so.intra_op_num_threads = threads
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _median_us(fn, calls: int) -> float:
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
 
 
 def main() -> None:
@@ -93,12 +81,8 @@ def main() -> None:
             return y
 
         cands = {"ORT QLinearConv": lambda: sess.run(None, {"x": x}), f"torch-int8 {conv.kind}": ours}
-        res: dict[str, list[float]] = {n: [] for n in cands}
-        for r in range(a.rounds):
-            for n in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
-                res[n].append(_median_us(cands[n], a.calls) / a.layers)
-        for n, v in res.items():
-            print(f"  {kind} k={k:<3d} {n:24s} {statistics.median(v):8.1f}")
+        for n, us in rotated_medians(cands, a.rounds, a.calls).items():
+            print(f"  {kind} k={k:<3d} {n:24s} {us / a.layers:8.1f}")
 
 
 if __name__ == "__main__":
