@@ -280,6 +280,7 @@ def test_add_requant_is_bit_exact_including_ties_and_saturation(ext, data):
     k = cpu.AddRequant(ext, dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=bits))
     got = k(a, b)
     assert got.dtype == want.dtype and torch.equal(got, want), (a.dtype, b.dtype, lo, hi)
+    assert got.transpose(1, 2).is_contiguous() == a.transpose(1, 2).is_contiguous()  # the layout the inputs share
 
 
 @pytest.mark.skipif(EXT is None, reason="the C++ kernels did not build here")
@@ -617,7 +618,9 @@ def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     k, n = data.draw(st.integers(1, 300)), data.draw(st.sampled_from([1, 7, 63, 64, 65, 130, 200]))
     b, t = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 70))
-    x = _codes(data.draw, (b, k, t), g).transpose(1, 2).contiguous().transpose(1, 2)
+    x = _codes(data.draw, (b, k, t), g)
+    if data.draw(st.booleans()):  # the program's own layout; else (B, C, T) storage, copied first
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     if data.draw(st.booleans()):
         w = torch.where(w >= 0, torch.full_like(w, 127), torch.full_like(w, -127))
@@ -631,6 +634,7 @@ def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
     got = kc(x)
     assert kc.kind == ("dw-vnni" if k == n == 1 else "pw-vnni"), kc.kind  # one channel: depthwise too
     assert got.dtype == want.dtype and torch.equal(got, want), (k, n, x.dtype)
+    assert got.transpose(1, 2).is_contiguous()  # channels-last out
     xl = x.transpose(1, 2)
     kl = cpu.Linear(EXT, dict(w=w, bias=bias, **rq, f32=f32), 8, fused=True, x_unsigned=x.dtype == torch.uint8)
     want = torch.ops.qpipe.linear_rq(xl, w, bias, rq["m"], rq["s"], rq["lo"], rq["hi"], rq["bits"], f32)
@@ -680,6 +684,8 @@ def test_f32_requant_conv1d_and_linear_are_bit_exact(ext, layer, data):
     k = cpu.Conv(ext, a, 8, fused=True, x_unsigned=a["x_unsigned"])
     got = k(x)
     assert got.dtype == want.dtype and torch.equal(got, want), (k.kind, x.dtype)
+    if k.call_cl is not None:  # a program's 8-bit values stay (B, T, C) in memory: no copy before the next layer
+        assert got.transpose(1, 2).is_contiguous(), (k.kind, got.stride())
     if k.can_emit_f32:
         k.emit_f32 = True
         assert torch.equal(k(x), want.to(torch.float32)), (k.kind, x.dtype)

@@ -370,36 +370,59 @@ inline void add_any(const AT* a, const BT* b, OutT* o, int64_t n, int64_t ma, in
 }
 
 template <typename AT, typename BT>
-void add_all(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out, int64_t out_code,
+void add_all(const void* a, const void* b, void* out, int64_t n, int64_t out_code,
              int64_t ma, int64_t mb, int64_t half, int64_t s, int64_t lo, int64_t hi) {
-  const int64_t n = a.numel();
-  const AT* ad = a.data_ptr<AT>();
-  const BT* bd = b.data_ptr<BT>();
+  const AT* ad = (const AT*)a;
+  const BT* bd = (const BT*)b;
   at::parallel_for(0, n, MIN_PARALLEL_8BIT, [&](int64_t begin, int64_t end) {
     if (out_code == 8)
-      add_any<AT, BT, int8_t>(ad + begin, bd + begin, out.data_ptr<int8_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
+      add_any<AT, BT, int8_t>(ad + begin, bd + begin, (int8_t*)out + begin, end - begin, ma, mb, half, s, lo, hi);
     else if (out_code == -8)
-      add_any<AT, BT, uint8_t>(ad + begin, bd + begin, out.data_ptr<uint8_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
+      add_any<AT, BT, uint8_t>(ad + begin, bd + begin, (uint8_t*)out + begin, end - begin, ma, mb, half, s, lo, hi);
     else
-      add_any<AT, BT, int16_t>(ad + begin, bd + begin, out.data_ptr<int16_t>() + begin, end - begin, ma, mb, half, s, lo, hi);
+      add_any<AT, BT, int16_t>(ad + begin, bd + begin, (int16_t*)out + begin, end - begin, ma, mb, half, s, lo, hi);
   });
+}
+
+// a, b: n elements each, in one layout; out the same n elements in that layout.
+void add_rq_into(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out, int64_t n, int64_t ma, int64_t mb,
+                 int64_t s, int64_t lo, int64_t hi, int64_t out_code) {
+  const int64_t half = s > 0 ? (int64_t(1) << (s - 1)) : 0;
+  const bool au = a.dtype() == torch::kUInt8, bu = b.dtype() == torch::kUInt8;
+  const void *ad = a.data_ptr(), *bd = b.data_ptr();
+  void* od = out.data_ptr();
+  if (au && bu) add_all<uint8_t, uint8_t>(ad, bd, od, n, out_code, ma, mb, half, s, lo, hi);
+  else if (au) add_all<uint8_t, int8_t>(ad, bd, od, n, out_code, ma, mb, half, s, lo, hi);
+  else if (bu) add_all<int8_t, uint8_t>(ad, bd, od, n, out_code, ma, mb, half, s, lo, hi);
+  else add_all<int8_t, int8_t>(ad, bd, od, n, out_code, ma, mb, half, s, lo, hi);
+}
+
+inline bool is_codes(const torch::Tensor& t) { return t.dtype() == torch::kInt8 || t.dtype() == torch::kUInt8; }
+
+// A (B, C, T) view of dense channels-last (B, T, C) storage: what every 8-bit value of a program is.
+// Read from the strides, not by making the transposed view: each tensor op (transpose, view,
+// contiguous, ...) from C++ still goes through torch's dispatcher, about a microsecond apiece, some
+// 2 us a layer at batch 1 (a 5-25 us kernel).
+inline bool channels_last_3d(const torch::Tensor& x) {
+  if (x.dim() != 3) return false;
+  const int64_t C = x.size(1), T = x.size(2);
+  return (C <= 1 || x.stride(1) == 1) && (T <= 1 || x.stride(2) == C) && (x.size(0) <= 1 || x.stride(0) == C * T);
+}
+
+// An empty (B, C, T) tensor whose storage is channels-last (B, T, C).
+inline torch::Tensor empty_channels_last_3d(int64_t B, int64_t C, int64_t T, const torch::TensorOptions& opts) {
+  return torch::empty_strided({B, C, T}, {T * C, 1, C}, opts);
 }
 
 // Residual add with one shared shift: clamp((a*ma + b*mb + half) >> s, lo, hi); a, b int8 or uint8
 // (each its own) of one shape, contiguous; out int8 / uint8 / int16 (out_code 8 / -8 / 16).
 torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, int64_t s, int64_t lo, int64_t hi,
                      int64_t out_code) {
-  auto is8 = [](const torch::Tensor& t) { return t.dtype() == torch::kInt8 || t.dtype() == torch::kUInt8; };
-  TORCH_CHECK(is8(a) && is8(b) && a.is_contiguous() && b.is_contiguous() && a.sizes() == b.sizes(),
+  TORCH_CHECK(is_codes(a) && is_codes(b) && a.is_contiguous() && b.is_contiguous() && a.sizes() == b.sizes(),
               "add_rq: a, b must be contiguous int8/uint8 of one shape");
   TORCH_CHECK(out_code != 0, "add_rq: integer output only");
   auto out = torch::empty_like(a, a.options().dtype(out_dtype(out_code)));
-  const int64_t half = s > 0 ? (int64_t(1) << (s - 1)) : 0;
-  const bool au = a.dtype() == torch::kUInt8, bu = b.dtype() == torch::kUInt8;
-  if (au && bu) add_all<uint8_t, uint8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
-  else if (au) add_all<uint8_t, int8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
-  else if (bu) add_all<int8_t, uint8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
-  else add_all<int8_t, int8_t>(a, b, out, out_code, ma, mb, half, s, lo, hi);
+  add_rq_into(a, b, out, a.numel(), ma, mb, s, lo, hi, out_code);
   return out;
 }
 
@@ -409,8 +432,12 @@ torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, i
 torch::Tensor add_rq_cl(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, int64_t s, int64_t lo, int64_t hi,
                         int64_t out_code) {
   if (a.sizes() != b.sizes()) return torch::Tensor();
-  if (a.dim() == 3 && a.transpose(1, 2).is_contiguous() && b.transpose(1, 2).is_contiguous())
-    return add_rq(a.transpose(1, 2), b.transpose(1, 2), ma, mb, s, lo, hi, out_code).transpose(1, 2);
+  if (channels_last_3d(a) && channels_last_3d(b)) {
+    TORCH_CHECK(is_codes(a) && is_codes(b) && out_code != 0, "add_rq_cl: a, b must be int8/uint8, the output integer");
+    auto out = empty_channels_last_3d(a.size(0), a.size(1), a.size(2), a.options().dtype(out_dtype(out_code)));
+    add_rq_into(a, b, out, a.numel(), ma, mb, s, lo, hi, out_code);
+    return out;
+  }
   if (a.is_contiguous() && b.is_contiguous()) return add_rq(a, b, ma, mb, s, lo, hi, out_code);
   return torch::Tensor();
 }
@@ -733,11 +760,16 @@ QPIPE_INLINE void pw_tile6(const uint8_t* const* xr, const __m512i* wc, int64_t 
 }  // namespace
 #endif
 
-torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64_t stride, int64_t pad, int64_t dil,
-                             torch::Tensor bias, torch::Tensor mult, int64_t lo, int64_t hi, int64_t out_code) {
-  TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 3 && x.is_contiguous(),
-              "dw_conv1d_vnni: x must be contiguous int8/uint8 (B,T,C)");
-  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), ncb = (C + 63) / 64;
+// The depthwise kernel on x: B x T x C codes at xd, channels-last and dense (sgn: int8, read as x + 128),
+// into out (B x Tout x C elements in that order, whatever its shape and strides say).
+void dw_vnni_into(const uint8_t* xd, bool sgn, int64_t B, int64_t T, int64_t C, const torch::Tensor& w4, int64_t K,
+                  int64_t stride, int64_t pad, int64_t dil, const torch::Tensor& bias, const torch::Tensor& mult, int64_t lo,
+                  int64_t hi, torch::Tensor& out, int64_t Tout);
+
+// The output length of dw_conv1d_vnni, the geometry and the constants checked.
+int64_t dw_vnni_check(int64_t T, int64_t C, const torch::Tensor& w4, int64_t K, int64_t stride, int64_t pad, int64_t dil,
+                      const torch::Tensor& bias, const torch::Tensor& mult, int64_t out_code) {
+  const int64_t ncb = (C + 63) / 64;
   TORCH_CHECK(w4.dtype() == torch::kInt8 && w4.dim() == 6 && w4.size(0) == ncb && w4.size(2) == 4 && w4.size(3) == 4 &&
                   w4.size(4) == 4 && w4.size(5) == 4 && w4.is_contiguous(),
               "dw_conv1d_vnni: w4 must be int8 (ceil(C/64), KQ, 4, 4, 4, 4)");
@@ -750,11 +782,31 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
               "dw_conv1d_vnni: bias must be int64 or int32 (C), and only with a fused requant (else empty)");
   TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == C), "dw_conv1d_vnni: mult must be float32 (C) or empty");
   TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "dw_conv1d_vnni: fused output is int8, uint8 or int16");
-  auto out = torch::empty({B, Tout, C}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
+  return Tout;
+}
+
+inline c10::ScalarType vnni_out_dtype(const torch::Tensor& mult, int64_t out_code) {
+  return mult.numel() > 0 ? out_dtype(out_code) : torch::kInt32;
+}
+
+torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64_t stride, int64_t pad, int64_t dil,
+                             torch::Tensor bias, torch::Tensor mult, int64_t lo, int64_t hi, int64_t out_code) {
+  TORCH_CHECK(is_codes(x) && x.dim() == 3 && x.is_contiguous(), "dw_conv1d_vnni: x must be contiguous int8/uint8 (B,T,C)");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  const int64_t Tout = dw_vnni_check(T, C, w4, K, stride, pad, dil, bias, mult, out_code);
+  auto out = torch::empty({B, Tout, C}, x.options().dtype(vnni_out_dtype(mult, out_code)));
+  dw_vnni_into((const uint8_t*)x.data_ptr(), x.dtype() == torch::kInt8, B, T, C, w4, K, stride, pad, dil, bias, mult, lo,
+               hi, out, Tout);
+  return out;
+}
+
+void dw_vnni_into(const uint8_t* xd, bool sgn, int64_t B, int64_t T, int64_t C, const torch::Tensor& w4, int64_t K,
+                  int64_t stride, int64_t pad, int64_t dil, const torch::Tensor& bias, const torch::Tensor& mult, int64_t lo,
+                  int64_t hi, torch::Tensor& out, int64_t Tout) {
+  const int64_t ncb = (C + 63) / 64, KQ = w4.size(1);
+  const bool fused = mult.numel() > 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
   constexpr int TBV = 6;       // output times in registers (4 x 6 accumulators + 4 weights)
-  const bool sgn = x.dtype() == torch::kInt8;
-  const uint8_t* xd = (const uint8_t*)x.data_ptr();
   const int8_t* wd = w4.data_ptr<int8_t>();
   std::vector<double> bd;
   std::vector<int32_t> bi;
@@ -820,7 +872,6 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
 #else
   TORCH_CHECK(false, "dw_conv1d_vnni: built without AVX-512 VNNI");
 #endif
-  return out;
 }
 
 // Pointwise conv / linear as an (M, K) x (K, N) GEMM on 8-bit codes with AVX-512 VNNI, the
@@ -834,11 +885,10 @@ torch::Tensor dw_conv1d_vnni(torch::Tensor x, torch::Tensor w4, int64_t K, int64
 // past N and K. A micro-tile is 6 rows x 64 columns (24 accumulators); per k-quad, 4 weight
 // vectors and one broadcast of 4 input bytes per row. Tiles go in blocks of 96 rows x 64 columns, so
 // the weight panel (K * 64 bytes) is reused from L1/L2 across the rows.
-torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::Tensor bias, torch::Tensor mult,
-                           int64_t lo, int64_t hi, int64_t out_code) {
-  TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 2 && x.is_contiguous(),
-              "pw_gemm_vnni: x must be contiguous int8/uint8 (M,K)");
-  const int64_t M = x.size(0), K = x.size(1), nnb = (N + 63) / 64, KQ = (K + 3) / 4;
+// The weights and constants of pw_gemm_vnni checked against K input channels.
+void pw_vnni_check(int64_t K, const torch::Tensor& wp, int64_t N, const torch::Tensor& bias, const torch::Tensor& mult,
+                   int64_t out_code) {
+  const int64_t nnb = (N + 63) / 64, KQ = (K + 3) / 4;
   TORCH_CHECK(wp.dtype() == torch::kInt8 && wp.dim() == 5 && wp.size(0) == nnb && wp.size(1) == KQ && wp.size(2) == 4 &&
                   wp.size(3) == 16 && wp.size(4) == 4 && wp.is_contiguous(),
               "pw_gemm_vnni: wp must be int8 (ceil(N/64), ceil(K/4), 4, 16, 4)");
@@ -847,13 +897,32 @@ torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
   TORCH_CHECK(bias.numel() == 0 || (fused && (bias.dtype() == torch::kInt64 || bias.dtype() == torch::kInt32) && bias.numel() == N),
               "pw_gemm_vnni: bias must be int64 or int32 (N), and only with a fused requant (else empty)");
   TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "pw_gemm_vnni: fused output is int8, uint8 or int16");
-  auto out = torch::empty({M, N}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
-  if (M == 0) return out;
+}
+
+// The GEMM on M x K dense row-major codes at xd (sgn: int8, read as x + 128) into out (M x N elements
+// in row-major order, whatever its shape and strides say).
+void pw_vnni_into(const uint8_t* xd, bool sgn, int64_t M, int64_t K, const torch::Tensor& wp, int64_t N,
+                  const torch::Tensor& bias, const torch::Tensor& mult, int64_t lo, int64_t hi, torch::Tensor& out);
+
+torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::Tensor bias, torch::Tensor mult,
+                           int64_t lo, int64_t hi, int64_t out_code) {
+  TORCH_CHECK(is_codes(x) && x.dim() == 2 && x.is_contiguous(), "pw_gemm_vnni: x must be contiguous int8/uint8 (M,K)");
+  const int64_t M = x.size(0), K = x.size(1);
+  pw_vnni_check(K, wp, N, bias, mult, out_code);
+  auto out = torch::empty({M, N}, x.options().dtype(vnni_out_dtype(mult, out_code)));
+  pw_vnni_into((const uint8_t*)x.data_ptr(), x.dtype() == torch::kInt8, M, K, wp, N, bias, mult, lo, hi, out);
+  return out;
+}
+
+void pw_vnni_into(const uint8_t* xd, bool sgn, int64_t M, int64_t K, const torch::Tensor& wp, int64_t N,
+                  const torch::Tensor& bias, const torch::Tensor& mult, int64_t lo, int64_t hi, torch::Tensor& out) {
+  if (M == 0) return;
+  const int64_t nnb = (N + 63) / 64, KQ = (K + 3) / 4;
+  const bool fused = mult.numel() > 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
   constexpr int MR = 6;       // rows per micro-tile (pw_tile6)
   constexpr int64_t MB = 96;  // rows per work item
-  const uint32_t flip = x.dtype() == torch::kInt8 ? 0x80808080u : 0u;
-  const uint8_t* xd = (const uint8_t*)x.data_ptr();
+  const uint32_t flip = sgn ? 0x80808080u : 0u;
   const int8_t* wd = wp.data_ptr<int8_t>();
   std::vector<double> bd;
   std::vector<int32_t> bi;
@@ -904,33 +973,41 @@ torch::Tensor pw_gemm_vnni(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
 #else
   TORCH_CHECK(false, "pw_gemm_vnni: built without AVX-512 VNNI");
 #endif
-  return out;
 }
 
 // The two VNNI convs as the program calls them: x the (B, C, T) view of channels-last (B, T, C) 8-bit
 // codes, the result the (B, N, T) view of (B, T, N) storage, the bias for int8 (shifted: read as x + 128)
-// or uint8 codes picked by x's dtype. The layout glue lives here because each Python-side transpose,
-// reshape and view costs about a microsecond, some 5 us a layer at batch 1 (a 17-25 us kernel).
-inline torch::Tensor channels_last_rows(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 3 && (x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8), "conv1d_cl: x must be int8/uint8 (B,C,T)");
-  torch::Tensor xt = x.transpose(1, 2);
-  return xt.is_contiguous() ? xt : xt.contiguous();
+// or uint8 codes picked by x's dtype. The layout glue lives here, read from strides (channels_last_3d):
+// the Python-side transposes and views cost about 5 us a layer at batch 1, the same ops from C++ about 2.
+// Any other layout of x is copied to channels-last first.
+inline torch::Tensor channels_last_codes(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 && is_codes(x), "conv1d_cl: x must be int8/uint8 (B,C,T)");
+  return channels_last_3d(x) ? x : x.transpose(1, 2).contiguous().transpose(1, 2);
 }
 
 torch::Tensor pw_conv1d_cl(torch::Tensor x, torch::Tensor wp, int64_t N, torch::Tensor bias_s8, torch::Tensor bias_u8,
                            torch::Tensor mult, int64_t lo, int64_t hi, int64_t out_code) {
-  const torch::Tensor xt = channels_last_rows(x);
-  const int64_t B = xt.size(0), T = xt.size(1);
-  const torch::Tensor& bias = x.dtype() == torch::kInt8 ? bias_s8 : bias_u8;
-  return pw_gemm_vnni(xt.view({B * T, xt.size(2)}), wp, N, bias, mult, lo, hi, out_code).view({B, T, N}).transpose(1, 2);
+  const torch::Tensor xc = channels_last_codes(x);
+  const int64_t B = xc.size(0), K = xc.size(1), T = xc.size(2);
+  const bool sgn = xc.dtype() == torch::kInt8;
+  const torch::Tensor& bias = sgn ? bias_s8 : bias_u8;
+  pw_vnni_check(K, wp, N, bias, mult, out_code);
+  auto out = empty_channels_last_3d(B, N, T, xc.options().dtype(vnni_out_dtype(mult, out_code)));
+  pw_vnni_into((const uint8_t*)xc.data_ptr(), sgn, B * T, K, wp, N, bias, mult, lo, hi, out);
+  return out;
 }
 
 torch::Tensor dw_conv1d_cl(torch::Tensor x, torch::Tensor w4, int64_t K, int64_t stride, int64_t pad, int64_t dil,
                            torch::Tensor bias_s8, torch::Tensor bias_u8, torch::Tensor mult, int64_t lo, int64_t hi,
                            int64_t out_code) {
-  const torch::Tensor xt = channels_last_rows(x);
-  const torch::Tensor& bias = x.dtype() == torch::kInt8 ? bias_s8 : bias_u8;
-  return dw_conv1d_vnni(xt, w4, K, stride, pad, dil, bias, mult, lo, hi, out_code).transpose(1, 2);
+  const torch::Tensor xc = channels_last_codes(x);
+  const int64_t B = xc.size(0), C = xc.size(1), T = xc.size(2);
+  const bool sgn = xc.dtype() == torch::kInt8;
+  const torch::Tensor& bias = sgn ? bias_s8 : bias_u8;
+  const int64_t Tout = dw_vnni_check(T, C, w4, K, stride, pad, dil, bias, mult, out_code);
+  auto out = empty_channels_last_3d(B, C, Tout, xc.options().dtype(vnni_out_dtype(mult, out_code)));
+  dw_vnni_into((const uint8_t*)xc.data_ptr(), sgn, B, T, C, w4, K, stride, pad, dil, bias, mult, lo, hi, out, Tout);
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
