@@ -7,15 +7,21 @@ one), so that per-call overheads and the input transposes spread over the chain 
 ORT gets a QLinearConv graph (its CPU provider turns it into NHWC ``com.microsoft.QLinearConv``); torch-int8
 runs the program's ``Conv`` kernel on channels-last codes. The integers are not compared (the layers are
 random and ORT rounds its own way); what this shows is where a kernel stands against ORT's on one shape.
-Rounds rotate which runtime goes first; the figure is the median over rounds of each round's median.
+Each runtime runs in a process of its own every round (``--only``), the order rotated; the figure is the
+median over rounds of each round's median. (In one process the idle threads of ORT's pool and of torch's
+OpenMP pool spin while the other runtime works, on a 2-core machine each slowing the other.)
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
 
 import numpy as np
 import torch
-from _kernel_timing import rotated_medians
+from _kernel_timing import median_us
 
 
 def _ort_chain(kind: str, w: np.ndarray, batch: int, channels: int, frames: int, layers: int, threads: int):
@@ -43,16 +49,11 @@ def _ort_chain(kind: str, w: np.ndarray, batch: int, channels: int, frames: int,
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--channels", type=int, default=192)
-    ap.add_argument("--frames", type=int, default=401)
-    ap.add_argument("--layers", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=50)
-    a = ap.parse_args()
+RUNTIMES = ("ort", "torch")
+
+
+def _time_one(a: argparse.Namespace) -> dict[str, float]:
+    """``--only`` a runtime, in this process: kind -> microseconds per layer (median of one round)."""
     torch.set_num_threads(a.threads)
     from qpipe.backends._torch_int8 import cpu, cpu_ext
     from qpipe.ir.ops.kernels import f32_multiplier
@@ -62,27 +63,58 @@ def main() -> None:
         raise SystemExit(f"torch_int8_vs_ort_layers: the C++ kernels did not build here ({cpu_ext.why_not()})")
     rng = np.random.default_rng(0)
     m, s = f32_multiplier(0.001)
-    print(f"batch {a.batch}, {a.channels} channels, {a.frames} frames, {a.threads} threads, chains of {a.layers}; "
-          f"us per layer (median over {a.rounds} rounds of {a.calls} calls)")
+    out: dict[str, float] = {}
     for kind, k in (("pw", 1), ("dw", 31)):
         c = a.channels
         w = rng.integers(-127, 128, (c, 1 if kind == "dw" else c, k)).astype(np.int8)
-        sess = _ort_chain(kind, w, a.batch, c, a.frames, a.layers, a.threads)
         x = rng.integers(0, 256, (a.batch, c, a.frames)).astype(np.uint8)
-        conv = cpu.Conv(ext, dict(w=torch.from_numpy(w), bias=None, stride=[1], padding=[k // 2], dilation=[1],
-                                  groups=c if kind == "dw" else 1, m=torch.tensor([m]), s=torch.tensor([s]), lo=0, hi=255,
-                                  bits=8, f32=True), 8, fused=True, x_unsigned=True)
-        xt = torch.from_numpy(x).transpose(1, 2).contiguous().transpose(1, 2)  # the program's storage
+        if a.only == "ort":
+            sess = _ort_chain(kind, w, a.batch, c, a.frames, a.layers, a.threads)
+            fn = lambda: sess.run(None, {"x": x})  # noqa: E731
+            label = "ORT QLinearConv"
+        else:
+            conv = cpu.Conv(ext, dict(w=torch.from_numpy(w), bias=None, stride=[1], padding=[k // 2], dilation=[1],
+                                      groups=c if kind == "dw" else 1, m=torch.tensor([m]), s=torch.tensor([s]), lo=0,
+                                      hi=255, bits=8, f32=True), 8, fused=True, x_unsigned=True)
+            xt = torch.from_numpy(x).transpose(1, 2).contiguous().transpose(1, 2)  # the program's storage
 
-        def ours():
-            y = xt
-            for _ in range(a.layers):
-                y = conv(y)
-            return y
+            def fn():
+                y = xt
+                for _ in range(a.layers):
+                    y = conv(y)
+                return y
+            label = f"torch-int8 {conv.kind}"
+        out[f"{kind} k={k:<3d} {label}"] = median_us(fn, a.calls) / a.layers
+    return out
 
-        cands = {"ORT QLinearConv": lambda: sess.run(None, {"x": x}), f"torch-int8 {conv.kind}": ours}
-        for n, us in rotated_medians(cands, a.rounds, a.calls).items():
-            print(f"  {kind} k={k:<3d} {n:24s} {us / a.layers:8.1f}")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--channels", type=int, default=192)
+    ap.add_argument("--frames", type=int, default=401)
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--only", choices=RUNTIMES, help="time one runtime, one round, in this process (prints JSON)")
+    a = ap.parse_args()
+    if a.only:
+        print(json.dumps(_time_one(a)))
+        return
+    base = [sys.executable, __file__, *(f"--{k}={v}" for k, v in vars(a).items() if k not in ("only", "rounds"))]
+    per_round: dict[str, list[float]] = {}
+    for r in range(a.rounds):
+        for rt in RUNTIMES[r % 2:] + RUNTIMES[:r % 2]:
+            res = subprocess.run([*base, f"--only={rt}"], capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"{rt} failed")
+            for n, us in json.loads(res.stdout.strip().splitlines()[-1]).items():
+                per_round.setdefault(n, []).append(us)
+    print(f"batch {a.batch}, {a.channels} channels, {a.frames} frames, {a.threads} threads, chains of {a.layers}; "
+          f"us per layer (median over {a.rounds} rounds of {a.calls} calls, each runtime in its own process)")
+    for n in sorted(per_round):
+        print(f"  {n:34s} {statistics.median(per_round[n]):8.1f}")
 
 
 if __name__ == "__main__":
