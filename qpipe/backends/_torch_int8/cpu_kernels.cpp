@@ -384,9 +384,10 @@ void add_all(const void* a, const void* b, void* out, int64_t n, int64_t out_cod
   });
 }
 
-// a, b: n elements each, in one layout; out the same n elements in that layout.
-void add_rq_into(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out, int64_t n, int64_t ma, int64_t mb,
-                 int64_t s, int64_t lo, int64_t hi, int64_t out_code) {
+// a, b: one shape, in one dense layout; out the same elements in that layout.
+void add_rq_into(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out, int64_t ma, int64_t mb, int64_t s,
+                 int64_t lo, int64_t hi, int64_t out_code) {
+  const int64_t n = a.numel();
   const int64_t half = s > 0 ? (int64_t(1) << (s - 1)) : 0;
   const bool au = a.dtype() == torch::kUInt8, bu = b.dtype() == torch::kUInt8;
   const void *ad = a.data_ptr(), *bd = b.data_ptr();
@@ -422,7 +423,7 @@ torch::Tensor add_rq(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb, i
               "add_rq: a, b must be contiguous int8/uint8 of one shape");
   TORCH_CHECK(out_code != 0, "add_rq: integer output only");
   auto out = torch::empty_like(a, a.options().dtype(out_dtype(out_code)));
-  add_rq_into(a, b, out, a.numel(), ma, mb, s, lo, hi, out_code);
+  add_rq_into(a, b, out, ma, mb, s, lo, hi, out_code);
   return out;
 }
 
@@ -435,7 +436,7 @@ torch::Tensor add_rq_cl(torch::Tensor a, torch::Tensor b, int64_t ma, int64_t mb
   if (channels_last_3d(a) && channels_last_3d(b)) {
     TORCH_CHECK(is_codes(a) && is_codes(b) && out_code != 0, "add_rq_cl: a, b must be int8/uint8, the output integer");
     auto out = empty_channels_last_3d(a.size(0), a.size(1), a.size(2), a.options().dtype(out_dtype(out_code)));
-    add_rq_into(a, b, out, a.numel(), ma, mb, s, lo, hi, out_code);
+    add_rq_into(a, b, out, ma, mb, s, lo, hi, out_code);
     return out;
   }
   if (a.is_contiguous() && b.is_contiguous()) return add_rq(a, b, ma, mb, s, lo, hi, out_code);
@@ -766,6 +767,18 @@ void dw_vnni_into(const uint8_t* xd, bool sgn, int64_t B, int64_t T, int64_t C, 
                   int64_t stride, int64_t pad, int64_t dil, const torch::Tensor& bias, const torch::Tensor& mult, int64_t lo,
                   int64_t hi, torch::Tensor& out, int64_t Tout);
 
+// The epilogue arguments both VNNI kernels take for n output channels: an empty mult and bias (int32
+// accumulators out), or a float32 mult (n), an int64 / int32 bias (n) or none, and an 8/16-bit output.
+void check_epilogue_args(const char* kernel, const torch::Tensor& bias, const torch::Tensor& mult, int64_t n,
+                         int64_t out_code) {
+  const bool fused = mult.numel() > 0;
+  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == n), kernel, ": mult must be float32 (", n,
+              ") or empty");
+  TORCH_CHECK(bias.numel() == 0 || (fused && (bias.dtype() == torch::kInt64 || bias.dtype() == torch::kInt32) && bias.numel() == n),
+              kernel, ": bias must be int64 or int32 (", n, "), and only with a fused requant (else empty)");
+  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, kernel, ": fused output is int8, uint8 or int16");
+}
+
 // The output length of dw_conv1d_vnni, the geometry and the constants checked.
 int64_t dw_vnni_check(int64_t T, int64_t C, const torch::Tensor& w4, int64_t K, int64_t stride, int64_t pad, int64_t dil,
                       const torch::Tensor& bias, const torch::Tensor& mult, int64_t out_code) {
@@ -777,11 +790,7 @@ int64_t dw_vnni_check(int64_t T, int64_t C, const torch::Tensor& w4, int64_t K, 
   TORCH_CHECK(K >= 1 && K <= 4 * KQ && stride >= 1 && dil >= 1 && pad >= 0, "dw_conv1d_vnni: bad geometry");
   const int64_t Tout = (T + 2 * pad - dil * (K - 1) - 1) / stride + 1;
   TORCH_CHECK(Tout > 0, "dw_conv1d_vnni: empty output");
-  const bool fused = mult.numel() > 0;
-  TORCH_CHECK(bias.numel() == 0 || (fused && (bias.dtype() == torch::kInt64 || bias.dtype() == torch::kInt32) && bias.numel() == C),
-              "dw_conv1d_vnni: bias must be int64 or int32 (C), and only with a fused requant (else empty)");
-  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == C), "dw_conv1d_vnni: mult must be float32 (C) or empty");
-  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "dw_conv1d_vnni: fused output is int8, uint8 or int16");
+  check_epilogue_args("dw_conv1d_vnni", bias, mult, C, out_code);
   return Tout;
 }
 
@@ -892,11 +901,7 @@ void pw_vnni_check(int64_t K, const torch::Tensor& wp, int64_t N, const torch::T
   TORCH_CHECK(wp.dtype() == torch::kInt8 && wp.dim() == 5 && wp.size(0) == nnb && wp.size(1) == KQ && wp.size(2) == 4 &&
                   wp.size(3) == 16 && wp.size(4) == 4 && wp.is_contiguous(),
               "pw_gemm_vnni: wp must be int8 (ceil(N/64), ceil(K/4), 4, 16, 4)");
-  const bool fused = mult.numel() > 0;
-  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == N), "pw_gemm_vnni: mult must be float32 (N) or empty");
-  TORCH_CHECK(bias.numel() == 0 || (fused && (bias.dtype() == torch::kInt64 || bias.dtype() == torch::kInt32) && bias.numel() == N),
-              "pw_gemm_vnni: bias must be int64 or int32 (N), and only with a fused requant (else empty)");
-  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "pw_gemm_vnni: fused output is int8, uint8 or int16");
+  check_epilogue_args("pw_gemm_vnni", bias, mult, N, out_code);
 }
 
 // The GEMM on M x K dense row-major codes at xd (sgn: int8, read as x + 128) into out (M x N elements
