@@ -34,11 +34,19 @@ def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def _start(out, hash_seed: str) -> subprocess.Popen:
+def _spawn(cmd: list[str], hash_seed: str) -> subprocess.Popen:
+    """One run on one thread in its own process (two of them run side by side on two cores)."""
     env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS="1")
-    code = _RUN.format(tests=os.path.join(ROOT, "tests"), here=HERE)
-    return subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _two_runs(tmp_path, cmd_for) -> tuple:
+    """Runs A and B (hash seeds 1 and 2) at once; their output folders once both succeeded."""
+    runs = [(tmp_path / name, _spawn(cmd_for(tmp_path / name), seed)) for name, seed in (("A", "1"), ("B", "2"))]
+    for _, proc in runs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+    return tuple(out for out, _ in runs)
 
 
 def _same_except_timing(a: str, b: str) -> None:
@@ -51,11 +59,8 @@ def _same_except_timing(a: str, b: str) -> None:
 
 @pytest.mark.slow
 def test_two_runs_give_identical_artifacts(tmp_path):
-    runs = [(tmp_path / name, _start(tmp_path / name, seed)) for name, seed in (("A", "1"), ("B", "2"))]
-    for out, proc in runs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    (a, _), (b, _) = runs
+    code = _RUN.format(tests=os.path.join(ROOT, "tests"), here=HERE)
+    a, b = _two_runs(tmp_path, lambda out: [sys.executable, "-c", code, str(out)])
     assert _sha(a / "model.pt2") == _sha(b / "model.pt2")
     assert _sha(a / "frontend.pt") == _sha(b / "frontend.pt")
     assert (a / "ir.txt").read_text() == (b / "ir.txt").read_text()
@@ -74,19 +79,12 @@ def test_without_timing_drops_only_timing_fields():
 @pytest.mark.nemo
 @pytest.mark.slow
 def test_demo_quartznet_twice_from_the_cli_byte_identical(tmp_path):
-    """The bundled model through the CLI twice (a short calibration, same seed)."""
+    """The bundled model through the CLI twice (a short calibration, same seed), side by side."""
     from conftest import FAST_PIPELINE
 
     demo = os.path.join(ROOT, "models", "demo_quartznet.nemo")
-    outs = []
-    for name, seed in (("A", "1"), ("B", "2")):
-        out = tmp_path / name
-        env = dict(os.environ, PYTHONHASHSEED=seed)
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "qpipe"), demo, "--passes", FAST_PIPELINE,
-                               "-o", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs.append(out)
-    a, b = outs
+    qpipe = [sys.executable, os.path.join(ROOT, "tools", "qpipe"), demo, "--passes", FAST_PIPELINE, "--quiet"]
+    a, b = _two_runs(tmp_path, lambda out: qpipe + ["-o", str(out)])
     assert _sha(a / "model.pt2") == _sha(b / "model.pt2")
     assert (a / "ir.txt").read_text() == (b / "ir.txt").read_text()
     _same_except_timing(str(a), str(b))

@@ -16,7 +16,8 @@ logits part skips and says which fingerprint to record.
 The integer scheme changed on 2026-12-02 (ReLU outputs unsigned [0, 255], full-range
 signed codes, float32-faithful conv requantization, QuantizeLinear input): the runs
 recorded before it (AMD EPYC at 0f41dcf, Intel Xeon at a5eba3e) were dropped, as
-no current code reproduces them; the entry now is an Intel Xeon's.
+no current code reproduces them; the entries now are an Intel Xeon's and (since 2026-12-03) an AMD
+EPYC's, recorded at 86f2407.
 """
 from __future__ import annotations
 
