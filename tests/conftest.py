@@ -10,6 +10,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# Without a GPU, the CUDA path's Triton kernels run in Triton's interpreter (numpy, on CPU tensors), so that
+# their integers are tested here too; Triton reads this when a kernel is defined, so before qpipe is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qpipe.passes  # noqa: E402,F401  (registers built-in passes)
 

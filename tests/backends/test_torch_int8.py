@@ -369,32 +369,81 @@ def test_cuda_program_is_bit_exact(tiny_int):
     assert torch.equal(program_from_graph(result.gm, device="cuda")(x).cpu(), want)
 
 
+def _as_f32(data, a: dict) -> dict:
+    """The layer's requant as the float32-faithful one (``f32=True``): the (m, s) pairs of drawn float32 ratios."""
+    from qpipe.ir.ops.kernels import f32_multiplier
+
+    n = a["m"].numel()
+    pairs = [f32_multiplier(r) for r in data.draw(st.lists(st.floats(1e-7, 0.5), min_size=n, max_size=n))]
+    return dict(a, m=torch.tensor([p[0] for p in pairs]), s=torch.tensor([p[1] for p in pairs]), f32=True)
+
+
+def _skip_unless_triton_can_run() -> None:
+    if triton_available() and not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("Triton kernels cannot run on CPU tensors without TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+
 @SETTINGS
-@given(layer=conv1d_layers())
-def test_cuda_kernels_integer_logic_on_cpu_tensors(layer):
-    """The CUDA path's im2col/_int_mm/unfold logic, run on CPU tensors (Triton kernels need a GPU or TRITON_INTERPRET=1)."""
-    if triton_available() and not os.environ.get("TRITON_INTERPRET"):
-        pytest.skip("Triton kernels cannot run on CPU tensors without TRITON_INTERPRET=1")
-    x, a = layer
-    k = CudaConv1d(torch.device("cpu"), a, 8)
-    got, want = k(x), _reference(torch.ops.qpipe.conv1d_rq, x, a)
-    assert got.dtype == want.dtype and torch.equal(got, want), (k.kind, x.dtype)
+@given(layer=conv1d_layers(), data=st.data())
+def test_cuda_kernels_integer_logic_on_cpu_tensors(layer, data):
+    """The CUDA path's kernels on CPU tensors, each layer with both requants: im2col + _int_mm, and the Triton
+    depthwise conv and requant in Triton's interpreter where Triton is installed (the unfold fallback otherwise)."""
+    _skip_unless_triton_can_run()
+    x, dyadic = layer
+    for f32, a in ((False, dyadic), (True, _as_f32(data, dyadic))):
+        k = CudaConv1d(torch.device("cpu"), a, 8)
+        if triton_available():
+            assert k.rq.triton and k.kind != "unfold-int32-depthwise", k.kind
+        got = k(x)
+        want = torch.ops.qpipe.conv1d_rq(x, a["w"], a["bias"], a["m"], a["s"], a["stride"], a["padding"], a["dilation"],
+                                         a["groups"], a["lo"], a["hi"], a["bits"], f32)
+        assert got.dtype == want.dtype and torch.equal(got, want), (k.kind, x.dtype, f32)
 
 
 def test_cuda_linear_and_requant_logic_on_cpu_tensors():
-    if triton_available() and not os.environ.get("TRITON_INTERPRET"):
-        pytest.skip("Triton kernels cannot run on CPU tensors without TRITON_INTERPRET=1")
+    _skip_unless_triton_can_run()
+    from qpipe.ir.ops.kernels import f32_multiplier
+
     g = torch.Generator().manual_seed(5)
     w = torch.randint(-127, 128, (7, 13), generator=g, dtype=torch.int8)
     bias = torch.randint(-999, 999, (7,), generator=g, dtype=torch.int32)
     m, s = torch.randint(1, 2**31 - 1, (7,), generator=g), torch.randint(0, 40, (7,), generator=g)
+    # three channels whose products end in exactly .5 (ties: half to even, not up), four drawn ratios
+    ratios = [0.5, 0.25, 2.0 ** -7] + torch.rand(4, generator=g, dtype=torch.float64).mul(0.05).tolist()
+    pairs = [f32_multiplier(r) for r in ratios]
+    mf, sf = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
     for x in (torch.randint(-128, 128, (2, 5, 13), generator=g, dtype=torch.int8),
               torch.randint(0, 256, (2, 5, 13), generator=g, dtype=torch.uint8)):
         for lo, hi in ((-128, 127), (0, 255)):
-            want = torch.ops.qpipe.linear_rq(x, w, bias, m, s, lo, hi, 8)
-            got = CudaLinear(torch.device("cpu"), dict(w=w, bias=bias, m=m, s=s, lo=lo, hi=hi, bits=8), 8)(x)
-            assert got.dtype == want.dtype and torch.equal(got, want), (x.dtype, lo, hi)
+            for f32, (mm, ss) in ((False, (m, s)), (True, (mf, sf))):
+                want = torch.ops.qpipe.linear_rq(x, w, bias, mm, ss, lo, hi, 8, f32)
+                got = CudaLinear(torch.device("cpu"), dict(w=w, bias=bias, m=mm, s=ss, lo=lo, hi=hi, bits=8, f32=f32), 8)(x)
+                assert got.dtype == want.dtype and torch.equal(got, want), (x.dtype, lo, hi, f32)
     assert CudaRequant(torch.device("cpu"), 7, None, m, s, 0, 255, 8).dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bits,lo,hi", [(8, -128, 127), (8, 0, 255), (16, -32768, 32767)])
+def test_cuda_f32_requant_rounds_ties_to_even_and_saturates(bits, lo, hi):
+    """The float32-faithful requant of the CUDA path (Triton's where installed) on the accumulators that
+    decide it: exact ties (odd multiples of 2**(s-1) at a ratio of 2**-s), values one away from them,
+    accumulators past 2**24 (the float32 cast rounds them), and both ends past the clamp."""
+    _skip_unless_triton_can_run()
+    from qpipe.ir.ops.kernels import f32_multiplier, requant_f32_reference
+
+    g = torch.Generator().manual_seed(11)
+    shifts = [1, 4, 10, 16]
+    odd = torch.randint(-hi, hi, (64, len(shifts)), generator=g) * 2 + 1
+    ties = odd * torch.tensor([1 << (s - 1) for s in shifts])
+    wide = torch.randint(-(1 << 30), 1 << 30, (64, len(shifts)), generator=g)
+    acc = torch.cat([ties, ties + 1, ties - 1, wide]).to(torch.int32)
+    pairs = [f32_multiplier(2.0 ** -s) for s in shifts]
+    m, s = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    rq = CudaRequant(torch.device("cpu"), len(shifts), None, m, s, lo, hi, bits, f32=True)
+    assert rq.triton == triton_available()
+    want = requant_f32_reference(acc, m, s, 1, lo, hi)
+    got = rq(acc)
+    assert got.dtype == rq.dtype and torch.equal(got.to(torch.int64), want), int((got.to(torch.int64) != want).sum())
+    assert bool((want == lo).any() and (want == hi).any())  # the clamp was reached at both ends
 
 
 @pytest.mark.slow
@@ -672,13 +721,9 @@ def test_cpp_depthwise_kernel_takes_and_writes_uint8(dtype, lo, hi):
 @given(layer=conv1d_layers(), data=st.data())
 def test_f32_requant_conv1d_and_linear_are_bit_exact(ext, layer, data):
     """``f32=True`` (float32-faithful requant, half to even): the C++ kernel and the torch one against the reference."""
-    from qpipe.ir.ops.kernels import f32_multiplier
-
     x, a = layer
+    a = _as_f32(data, a)
     n = a["m"].numel()
-    ratios = data.draw(st.lists(st.floats(1e-7, 0.5), min_size=n, max_size=n))
-    pairs = [f32_multiplier(r) for r in ratios]
-    a = dict(a, m=torch.tensor([p[0] for p in pairs]), s=torch.tensor([p[1] for p in pairs]), f32=True)
     want = torch.ops.qpipe.conv1d_rq(x, a["w"], a["bias"], a["m"], a["s"], a["stride"], a["padding"], a["dilation"],
                                      a["groups"], a["lo"], a["hi"], a["bits"], True)
     k = cpu.Conv(ext, a, 8, fused=True, x_unsigned=a["x_unsigned"])

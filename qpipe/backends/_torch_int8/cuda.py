@@ -3,19 +3,23 @@ int32 out) for pointwise convolutions, linears and (through im2col) other dense
 convolutions; Triton kernels for the depthwise convolution (int32 accumulators,
 requantization fused) and the per-channel requantization of a GEMM's output.
 
-Everything is integer arithmetic (int32 accumulators, int64 requantization with
-two's-complement wrap and arithmetic shifts, as torch's int64 ops), so no cuDNN
-algorithm choice (FFT, Winograd, TF32) can round anything. Without Triton the
-requantization runs as torch int64 ops and the depthwise convolution as an
-unfold + int32 multiply-sum: the same integers, slower.
+The products and sums are integers (int32 accumulators, the bias in int64), so no
+cuDNN algorithm choice (FFT, Winograd, TF32) can round anything. The requantization
+is the reference's: the dyadic one in int64 (two's-complement wrap, arithmetic
+shifts, as torch's int64 ops), or the float32-faithful one (the default pipeline's:
+one cast to float32, one float32 multiply, ties to even), both inside the Triton
+kernels. Without Triton the requantization runs as torch ops and the depthwise
+convolution as an unfold + int32 multiply-sum: the same integers, slower.
 
 Activations are int8 [-128, 127] or uint8 [0, 255] (a ReLU's output, ``dtype_for_range``),
 as on the CPU: ``torch._int_mm`` takes int8 x int8, so a uint8 input goes in as the
 int8 ``x - 128`` and ``128 * sum_k w[c, k]`` joins channel ``c``'s int64 bias (exact);
 the depthwise kernel loads either type, and every kernel writes the reference's dtype.
 
-Written without a GPU at hand: ``tools/bench/torch_int8_cuda_check.py`` checks it
-bit for bit against the CPU reference and times it where CUDA exists.
+Written without a GPU at hand. The tests run these kernels, Triton's included, on CPU
+tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``);
+``tools/bench/torch_int8_cuda_check.py`` checks them bit for bit against the CPU
+reference and times them where CUDA exists.
 """
 from __future__ import annotations
 
@@ -56,8 +60,29 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _requant_cols_kernel(acc_ptr, out_ptr, bias_ptr, m_ptr, s_ptr, M, N, lo, hi,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _requant_tile(v, rc, mask_c, m_ptr, s_ptr, mult_ptr, lo, hi, F32: tl.constexpr):
+        """int64 accumulators (their bias added) of channels ``rc`` -> the clamped codes, as int64.
+
+        ``F32``: the float32-faithful requant, ``round_half_even(fl32(v) * mult)``: one rounding
+        to float32 (the cast), one float32 multiply, then the clamp *before* the rounding, which
+        is the same as after it (lo and hi are integers) and keeps ``|p| <= 2**15``, where adding
+        and taking off 1.5 * 2**23 rounds to the nearest integer, ties to even. The clamp also
+        stands between the multiply and that add, so no compiler can fuse them into an FMA.
+        Otherwise the dyadic ``(v * m + 2**(s-1)) >> s`` in int64 (two's-complement wrap)."""
+        if F32:
+            mult = tl.load(mult_ptr + rc, mask=mask_c, other=0.0)
+            p = v.to(tl.float32) * mult[None, :]
+            p = tl.minimum(tl.maximum(p, lo.to(tl.float32)), hi.to(tl.float32))
+            return ((p + 12582912.0) - 12582912.0).to(tl.int64)
+        m = tl.load(m_ptr + rc, mask=mask_c, other=0)
+        s = tl.load(s_ptr + rc, mask=mask_c, other=0)
+        half = tl.where(s > 0, tl.full(s.shape, 1, tl.int64) << tl.maximum(s - 1, 0), tl.zeros(s.shape, tl.int64))
+        r = (v * m[None, :] + half[None, :]) >> s[None, :]
+        return tl.minimum(tl.maximum(r, lo), hi)
+
+    @triton.jit
+    def _requant_cols_kernel(acc_ptr, out_ptr, bias_ptr, m_ptr, s_ptr, mult_ptr, M, N, lo, hi,
+                             HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -68,17 +93,13 @@ if triton is not None:
         v = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.int64)
         if HAS_BIAS:
             v += tl.load(bias_ptr + rn, mask=mask_n, other=0).to(tl.int64)[None, :]
-        m = tl.load(m_ptr + rn, mask=mask_n, other=0)
-        s = tl.load(s_ptr + rn, mask=mask_n, other=0)
-        half = tl.where(s > 0, tl.full(s.shape, 1, tl.int64) << tl.maximum(s - 1, 0), tl.zeros(s.shape, tl.int64))
-        p = v * m[None, :] + half[None, :]
-        r = p >> s[None, :]
-        r = tl.minimum(tl.maximum(r, lo), hi)
+        r = _requant_tile(v, rn, mask_n, m_ptr, s_ptr, mult_ptr, lo, hi, F32)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], r.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dw_conv1d_rq_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, s_ptr, out_ptr, T, C, Tout, K, stride, pad, dil, lo, hi,
-                             HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _dw_conv1d_rq_kernel(x_ptr, w_ptr, bias_ptr, m_ptr, s_ptr, mult_ptr, out_ptr, T, C, Tout, K, stride, pad, dil,
+                             lo, hi, HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
         # x: (B, T, C) int8 channels-last; w: (K, C) int32; out: (B, Tout, C)
         b = tl.program_id(0)
         pid_t = tl.program_id(1)
@@ -98,11 +119,7 @@ if triton is not None:
         v = acc.to(tl.int64)
         if HAS_BIAS:
             v += tl.load(bias_ptr + rc, mask=mask_c, other=0).to(tl.int64)[None, :]
-        m = tl.load(m_ptr + rc, mask=mask_c, other=0)
-        s = tl.load(s_ptr + rc, mask=mask_c, other=0)
-        half = tl.where(s > 0, tl.full(s.shape, 1, tl.int64) << tl.maximum(s - 1, 0), tl.zeros(s.shape, tl.int64))
-        r = (v * m[None, :] + half[None, :]) >> s[None, :]
-        r = tl.minimum(tl.maximum(r, lo), hi)
+        r = _requant_tile(v, rc, mask_c, m_ptr, s_ptr, mult_ptr, lo, hi, F32)
         o_base = out_ptr + b.to(tl.int64) * Tout * C
         tl.store(o_base + rt[:, None] * C + rc[None, :], r.to(out_ptr.dtype.element_ty),
                  mask=mask_t[:, None] & mask_c[None, :])
@@ -131,21 +148,26 @@ class CudaRequant:
             corr = corr.to(torch.int64).reshape(-1).to(device)
             self.bias_shifted = (corr if self.bias is None else self.bias + corr).contiguous()
         self.dtype = dtype_for_range(self.bits, self.lo, self.hi)
-        # the fused Triton kernels round dyadically; a float32-faithful requant runs as torch float32 ops
-        self.triton = triton is not None and bool(((self.s >= 0) & (self.s <= 63)).all()) and self.bits <= 16 and not f32
+        # the fused Triton kernels: either requant (a dyadic one needs shifts a 64-bit shift can do)
+        self.triton = triton is not None and self.bits <= 16 and (f32 or bool(((self.s >= 0) & (self.s <= 63)).all()))
+
+    def launch_args(self) -> tuple:
+        """The requant's pointers for a Triton kernel: m, s, and mult (m again where it is dyadic)."""
+        return self.m, self.s, self.mult if self.mult is not None else self.m
 
     def __call__(self, acc: Tensor, shifted: bool = False) -> Tensor:
         bias = self.bias_shifted if shifted else self.bias
-        if self.mult is not None:
-            return requant_f32(acc, bias, self.mult, self.lo, self.hi).to(self.dtype)
         if self.triton and acc.dtype in (torch.int32, torch.int64):
             acc = acc.contiguous()
             M, N = acc.shape
             out = torch.empty((M, N), dtype=self.dtype, device=acc.device)
             grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
-            _requant_cols_kernel[grid](acc, out, bias if bias is not None else self.m, self.m, self.s, M, N,
-                                       self.lo, self.hi, HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=64)
+            _requant_cols_kernel[grid](acc, out, bias if bias is not None else self.m, *self.launch_args(), M, N,
+                                       self.lo, self.hi, HAS_BIAS=bias is not None, F32=self.mult is not None,
+                                       BLOCK_M=64, BLOCK_N=64)
             return out
+        if self.mult is not None:
+            return requant_f32(acc, bias, self.mult, self.lo, self.hi).to(self.dtype)
         acc = acc.to(torch.int64)
         if bias is not None:
             acc = acc + bias
@@ -209,9 +231,9 @@ class CudaConv1d:
             out = torch.empty((B, tout, C), dtype=self.rq.dtype, device=xcl.device)
             bt, bc = 32, 64
             grid = (B, triton.cdiv(tout, bt), triton.cdiv(C, bc))
-            _dw_conv1d_rq_kernel[grid](xcl, self.w_kc, self.bias if self.bias is not None else self.rq.m, self.rq.m, self.rq.s, out,
-                                       T, C, tout, self.kk, self.stride, self.pad, self.dil, self.rq.lo, self.rq.hi,
-                                       HAS_BIAS=self.bias is not None, BLOCK_T=bt, BLOCK_C=bc)
+            _dw_conv1d_rq_kernel[grid](xcl, self.w_kc, self.bias if self.bias is not None else self.rq.m, *self.rq.launch_args(),
+                                       out, T, C, tout, self.kk, self.stride, self.pad, self.dil, self.rq.lo, self.rq.hi,
+                                       HAS_BIAS=self.bias is not None, F32=self.rq.mult is not None, BLOCK_T=bt, BLOCK_C=bc)
             return out
         xp = torch.nn.functional.pad(xcl.transpose(1, 2), (self.pad, self.pad)).to(torch.int32)  # (B, C, Tp)
         u = xp.unfold(2, (self.kk - 1) * self.dil + 1, self.stride)[..., :: self.dil]  # (B, C, Tout, K)
