@@ -56,12 +56,14 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def program_from_graph(gm: GraphModule, device: str | torch.device = "cpu", use_ext: bool = True):
-    """The fast program of an integer graph, without writing a folder (tests, benchmarks)."""
+def program_from_graph(gm: GraphModule, device: str | torch.device = "cpu", use_ext: bool = True,
+                       kernels: Optional[str] = None):
+    """The fast program of an integer graph, without writing a folder (tests, benchmarks); ``kernels``: see
+    :class:`~qpipe.backends._torch_int8.program.Program`."""
     from qpipe.backends._torch_int8.plan import plan_from_graph
     from qpipe.backends._torch_int8.program import Program
 
-    return Program(plan_from_graph(gm), check_device(device), use_ext=use_ext)
+    return Program(plan_from_graph(gm), check_device(device), use_ext=use_ext, kernels=kernels)
 
 
 def load_program(folder: str, device: Optional[str | torch.device] = None, use_ext: bool = True):

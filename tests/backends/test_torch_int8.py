@@ -383,6 +383,19 @@ def _skip_unless_triton_can_run() -> None:
         pytest.skip("Triton kernels cannot run on CPU tensors without TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
 
+def test_cuda_kernels_run_the_whole_program_bit_exactly_on_cpu_tensors(tiny_int):
+    """The CUDA backend's kernel choices, the whole program, on CPU tensors (Triton's interpreted)."""
+    _skip_unless_triton_can_run()
+    result, _ = tiny_int
+    prog = program_from_graph(result.gm, kernels="cuda")
+    assert all(k.startswith("cuda") or k in ("reference", "clamp") for k in prog.kernels.values()), prog.kernels
+    assert any("int_mm" in k for k in prog.kernels.values()), prog.kernels
+    x = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = result.gm(x)
+    assert torch.equal(prog(x), want)
+
+
 @SETTINGS
 @given(layer=conv1d_layers(), data=st.data())
 def test_cuda_kernels_integer_logic_on_cpu_tensors(layer, data):
@@ -472,6 +485,15 @@ def test_quartznets_are_bit_exact_through_the_folder(model, tmp_path):
         with torch.no_grad():
             want = result.gm(xt)
         assert torch.equal(qm.logits_int(x), want), (model, b, t)
+    if model == "demo" and (torch.cuda.is_available() or not triton_available() or os.environ.get("TRITON_INTERPRET")):
+        # the CUDA kernels (Triton's, interpreted where there is no GPU: 4 s) on a short input: a QuartzNet's
+        # depthwise layers, strides and residual adds through that path as well
+        x = torch.randn(1, 64, 64, generator=g)
+        with torch.no_grad():
+            want = result.gm(x)
+        prog = program_from_graph(result.gm, kernels="cuda")
+        assert any("triton" in k or "depthwise" in k for k in prog.kernels.values()), prog.kernels
+        assert torch.equal(prog(x), want)
 
 
 @pytest.mark.parametrize("ext", EXTS)

@@ -52,12 +52,15 @@ def _getter(a: Any) -> Callable[[dict], Any]:
 class Program:
     """``Program(plan, device)(features) -> integer logits``; ``kernels`` says what runs where."""
 
-    def __init__(self, plan: dict[str, Any], device: str | torch.device = "cpu", use_ext: bool = True):
+    def __init__(self, plan: dict[str, Any], device: str | torch.device = "cpu", use_ext: bool = True,
+                 kernels: Optional[str] = None):
+        """``kernels``: whose kernels run, ``"cpu"`` or ``"cuda"`` (default: the device's). The CUDA ones on a CPU
+        device is how the tests run them without a GPU (Triton's in its interpreter)."""
         plan = check_plan(plan)
         self.device = torch.device(device)
         self.input = plan["input"]
         self.kernels: dict[str, str] = {}
-        self.backend = _backend(self.device, use_ext)
+        self.backend = _backend(kernels or self.device.type, self.device, use_ext)
         tensors = plan["tensors"]
         dtypes: dict[str, str] = {}
         self.steps: list[tuple[str, Callable, list[Callable]]] = []
@@ -135,13 +138,13 @@ def _refs(a: Any):
             yield from _refs(v)
 
 
-def _backend(device: torch.device, use_ext: bool):
-    if device.type == "cpu":
+def _backend(kernels: str, device: torch.device, use_ext: bool):
+    if kernels == "cpu" and device.type == "cpu":
         from qpipe.backends._torch_int8.cpu_program import CpuBackend
 
         return CpuBackend(use_ext)
-    if device.type == "cuda":
+    if kernels == "cuda":
         from qpipe.backends._torch_int8.cuda import CudaBackend
 
         return CudaBackend(device)
-    raise QpipeError(f"torch-int8: no kernels for device '{device}' (cpu or cuda)")
+    raise QpipeError(f"torch-int8: no {kernels} kernels for device '{device}' (cpu or cuda)")
