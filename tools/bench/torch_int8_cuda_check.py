@@ -4,10 +4,22 @@
         [--frames 1601] [--rounds 10] [--work /tmp/qpipe_ti8_bench]
 
 Uses the same cached models and folders as tools/bench/torch_int8_models.py
-(made on first use). On a machine without CUDA it says so in one line and exits 2.
+(made on first use; needs NeMo). On a machine without CUDA it says so in one line and exits 2.
 Prints, per model: the kernels the CUDA program chose, whether its logits equal
 the CPU reference program's at batch 1 and --batch, and median ms (CUDA-synchronized)
 of the float graph in fp32 and fp16 and of torch-int8, with the ratios.
+
+A GPU machine without NeMo (or with another torch) runs it from a kit made here:
+
+    .venv/bin/python tools/bench/torch_int8_cuda_check.py --make-kit gpu_kit     # here: plans, inputs, reference logits
+    python tools/bench/torch_int8_cuda_check.py --kit gpu_kit --json $OUT/cuda.json  # there (carry gpu_kit)
+
+The kit holds each model's torch-int8 plan (plain tensors), the seeded inputs at batch 1
+and --batch, and the CPU reference's integer logits for them. There the float baseline
+is the plan's float twin (``float_twin``): the same convolutions (BatchNorm folded), ReLUs
+and residual adds in float, with random weights of the same shapes; speed does not depend
+on the values. ``--kit DIR --device cpu`` runs the same check on CPU tensors with the CUDA
+kernels (Triton interpreted: slow, for a kit made with small --frames).
 """
 from __future__ import annotations
 
@@ -22,17 +34,148 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed(fn, x, rounds: int) -> float:
+def timed(fn, x, rounds: int, sync=None) -> float:
+    sync = sync or torch.cuda.synchronize
     for _ in range(3):
         fn(x)
-    torch.cuda.synchronize()
+    sync()
     ts = []
     for _ in range(rounds):
         t = time.perf_counter()
         fn(x)
-        torch.cuda.synchronize()
+        sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e3
+
+
+def float_twin(plan: dict):
+    """The plan's network in float: its convolutions (BatchNorm folded), ReLUs (an op clamped at 0) and residual
+    adds, random weights of the same shapes. A float model like the one the plan came from, as far as speed goes."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for st in plan["steps"]:
+        fn, a = st["fn"], st["args"]
+        if fn == "qpipe.conv1d_rq":
+            shape = plan["tensors"][a["w"]["tensor"]].shape
+            w = torch.randn(shape, generator=g) / (shape[1] * shape[2]) ** 0.5
+            layers.append(("conv", st["out"], a["x"]["ref"], torch.nn.Parameter(w, requires_grad=False),
+                           dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"]),
+                           int(a["lo"]) == 0))
+        elif fn == "qpipe.add_requant":
+            layers.append(("add", st["out"], (a["a"]["ref"], a["b"]["ref"]), None, None, int(a["lo"]) == 0))
+        elif fn == "qpipe.quantize":
+            layers.append(("input", st["out"], a["x"]["ref"], None, None, False))
+        elif fn == "aten.transpose.int":
+            layers.append(("transpose", st["out"], a[0]["ref"], None, tuple(a[1:]), False))
+        else:
+            raise SystemExit(f"float_twin: no float form for {fn}")
+    out_name = plan["output"][0]["ref"]
+
+    class Twin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ws = torch.nn.ParameterList([w for _, _, _, w, _, _ in layers if w is not None])
+
+        def forward(self, x):
+            env, i = {plan["input"]: x}, 0
+            for kind, out, src, w, kw, relu in layers:
+                if kind == "conv":
+                    y = F.conv1d(env[src], self.ws[i], None, **kw)
+                    i += 1
+                elif kind == "add":
+                    y = env[src[0]] + env[src[1]]
+                elif kind == "transpose":
+                    y = env[src].transpose(*kw)
+                else:
+                    y = env[src]
+                env[out] = torch.relu(y) if relu else y
+            return env[out_name]
+
+    return Twin().eval()
+
+
+def make_kit(kit: str, models: list[str], batch: int, frames: int, work: str) -> int:
+    """Here, with NeMo: each model's plan, seeded inputs and the CPU reference's logits for them."""
+    import shutil
+
+    from qpipe.backends import open_folder
+    from torch_int8_models import prepare, reference_runner
+
+    os.makedirs(work, exist_ok=True)
+    for name in models:
+        _, ti8, ref = prepare(name, work)
+        mult = int(open_folder(ti8).meta["input"].get("time_multiple", 1) or 1)
+        t = (frames // mult) * mult
+        d = os.path.join(kit, name)
+        os.makedirs(d, exist_ok=True)
+        shutil.copy(os.path.join(ti8, "model.ti8.pt"), os.path.join(d, "model.ti8.pt"))
+        runner = reference_runner(ref)
+        for b in sorted({1, batch}):
+            x = torch.randn(b, 64, t, generator=torch.Generator().manual_seed(b))
+            torch.save({"x": x, "want": runner.logits_int(x)}, os.path.join(d, f"batch{b}.pt"))
+        print(f"kit: {d} ({t} frames, batches {sorted({1, batch})})", flush=True)
+    return 0
+
+
+def run_kit(kit: str, device: str, rounds: int, json_path: str | None) -> int:
+    """There: the CUDA kernels against the kit's reference logits, and the float twin in fp32 / fp16 against them."""
+    import json
+
+    from qpipe.backends._torch_int8.program import Program
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("torch_int8_cuda_check: no CUDA device here (torch.cuda.is_available() is False)")
+        return 2
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    name_dev = torch.cuda.get_device_name(dev) if cuda else "cpu (CUDA kernels, Triton interpreted)"
+    print(f"torch {torch.__version__}, {name_dev}", flush=True)
+    report: dict = {"torch": torch.__version__, "device": name_dev, "models": {}}
+    all_exact = True
+    for name in sorted(os.listdir(kit)):
+        d = os.path.join(kit, name)
+        plan = torch.load(os.path.join(d, "model.ti8.pt"), weights_only=True)
+        prog = Program(plan, dev, kernels="cuda")
+        kinds: dict[str, int] = {}
+        for k in prog.kernels.values():
+            kinds[k] = kinds.get(k, 0) + 1
+        row: dict = {"kernels": kinds, "bit_exact": {}, "median_ms": {}}
+        print(f"{name}: kernels {kinds}", flush=True)
+        batches = sorted(int(f[5:-3]) for f in os.listdir(d) if f.startswith("batch"))
+        for b in batches:
+            data = torch.load(os.path.join(d, f"batch{b}.pt"), weights_only=True)
+            got = prog(data["x"]).cpu()
+            want = data["want"]
+            same = got.dtype == want.dtype and torch.equal(got, want)
+            all_exact &= same
+            row["bit_exact"][b] = same
+            diff = "" if same else f" (max |diff| {int((got.to(torch.int64) - want.to(torch.int64)).abs().max())})"
+            print(f"  batch {b}: CUDA int8 logits bit-exact with the CPU reference: {same}{diff}", flush=True)
+        b = batches[-1]
+        x = torch.load(os.path.join(d, f"batch{b}.pt"), weights_only=True)["x"].to(dev)
+        twin = float_twin(plan).to(dev)
+        res = {}
+        with torch.no_grad():
+            res["torch fp32 (float twin)"] = timed(twin, x, rounds, sync)
+            if cuda:
+                twin16, x16 = float_twin(plan).to(dev).half(), x.half()
+                res["torch fp16 (float twin)"] = timed(twin16, x16, rounds, sync)
+            res["qpipe torch-int8 CUDA"] = timed(prog, x, rounds, sync)
+        base = res["torch fp32 (float twin)"]
+        row["median_ms"] = {k: round(v, 4) for k, v in res.items()}
+        row["batch"] = b
+        row["int8_speedup_vs_fp32"] = round(base / res["qpipe torch-int8 CUDA"], 3)
+        report["models"][name] = row
+        print(f"  batch {b}: " + ", ".join(f"{k} {v:.2f} ms (x{base / v:.2f})" for k, v in res.items()), flush=True)
+    report["bit_exact_everywhere"] = all_exact
+    print("bit-exact on every model and batch:", all_exact)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0 if all_exact else 1
 
 
 def main() -> int:
@@ -42,7 +185,17 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=1601)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--work", default="/tmp/qpipe_ti8_bench")
+    ap.add_argument("--make-kit", metavar="DIR", help="write a kit for a GPU machine without NeMo (needs NeMo here)")
+    ap.add_argument("--kit", metavar="DIR", help="run from a kit (--make-kit); no NeMo, no torch.export files")
+    ap.add_argument("--device", default="cuda", help="with --kit: cuda, or cpu (the CUDA kernels on CPU tensors)")
+    ap.add_argument("--json", help="with --kit: write the numbers here")
     a = ap.parse_args()
+    if a.make_kit:
+        return make_kit(a.make_kit, a.models.split(","), a.batch, a.frames, a.work)
+    if a.kit:
+        if a.device == "cpu" and not os.environ.get("TRITON_INTERPRET"):
+            os.environ["TRITON_INTERPRET"] = "1"  # before qpipe's CUDA kernels are defined
+        return run_kit(a.kit, a.device, a.rounds, a.json)
     from qpipe.ir.errors import QpipeError
     from qpipe.backends.torch_int8 import check_device, load_program
     from qpipe.backends import open_folder
