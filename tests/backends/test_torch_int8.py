@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import qpipe.ir.ops  # noqa: F401
 from conftest import FAST_PIPELINE, TinyASR
 from qpipe.backends._torch_int8 import cpu, cpu_ext
-from qpipe.backends._torch_int8.cuda import CudaConv1d, CudaLinear, CudaRequant, triton_available
+from qpipe.backends._torch_int8.cuda import CudaAddRequant, CudaConv1d, CudaLinear, CudaRequant, triton_available
 from qpipe.backends.torch_int8 import MODEL_FILE, check_device, program_from_graph
 from qpipe.ir.errors import QpipeError
 from qpipe.ir.ops.kernels import dtype_for_range
@@ -255,11 +255,14 @@ def test_conv1d_acc_conv2d_rq_linear_rq_are_bit_exact(ext, data):
     assert got.dtype == want.dtype and torch.equal(got, want), x2.dtype
 
 
-@pytest.mark.parametrize("ext", EXTS)
+@pytest.mark.parametrize("ext", EXTS + [pytest.param("cuda", id="cuda-kernels")])
 @SETTINGS
 @given(data=st.data())
 @example(data=None)
 def test_add_requant_is_bit_exact_including_ties_and_saturation(ext, data):
+    """The C++ add, its torch fallback, and the CUDA path's (Triton's, interpreted without a GPU)."""
+    if ext == "cuda":
+        _skip_unless_triton_can_run()
     bits = 8
     if data is None:  # ties: (a*ma + b*mb) exactly k + 1/2 after the shift, and saturation both ways
         a = torch.tensor([[[1, -1, 127, -128, 3, -128]]], dtype=torch.int8)
@@ -277,7 +280,8 @@ def test_add_requant_is_bit_exact_including_ties_and_saturation(ext, data):
         if data.draw(st.booleans()):
             a, b = (v.transpose(1, 2).contiguous().transpose(1, 2) for v in (a, b))
     want = torch.ops.qpipe.add_requant(a, b, ma, mb, s, lo, hi, bits)
-    k = cpu.AddRequant(ext, dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=bits))
+    args = dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=bits)
+    k = CudaAddRequant(args) if ext == "cuda" else cpu.AddRequant(ext, args)
     got = k(a, b)
     assert got.dtype == want.dtype and torch.equal(got, want), (a.dtype, b.dtype, lo, hi)
     assert got.transpose(1, 2).is_contiguous() == a.transpose(1, 2).is_contiguous()  # the layout the inputs share
@@ -307,6 +311,10 @@ def test_add_requant_over_whole_layers_is_bit_exact(dtypes):
         want = torch.ops.qpipe.add_requant(a, b, ma, mb, s, lo, hi, bits)
         got = cpu.AddRequant(EXT, dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=bits))(a, b)
         assert got.dtype == want.dtype and torch.equal(got, want), (int(ma), int(mb), int(s), lo, hi)
+        if triton_available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")):
+            k = CudaAddRequant(dict(ma=ma, mb=mb, s=s, lo=lo, hi=hi, bits=bits))
+            got = k(a[:2], b[:2])  # two of the eight (Triton's interpreter is slow), the same loop
+            assert k.triton and torch.equal(got, want[:2]), ("cuda", int(ma), int(mb), int(s), lo, hi)
 
 
 @pytest.fixture(scope="module")
