@@ -61,6 +61,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpipe.backends.onnx.islands import ATEN_LOWERINGS, LOWERINGS as ISLAND_LOWERINGS
+from qpipe.backends.onnx.ort_exact import exact_session
 from qpipe.backends.onnx.ort_rounding import MatchStats, conv_multiplier, match_add_scales, match_conv_scales
 from qpipe.backends.onnx.values import QCodes, Real
 from qpipe.backends.target import SaveRecord, Target, register_target
@@ -825,7 +826,7 @@ class OnnxQdqRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimized_model_path:
             opts.optimized_model_filepath = optimized_model_path
-        self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = exact_session(path, opts)  # uint8 weights where this CPU's u8 x s8 kernels saturate
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.output_float = self.session.get_outputs()[0].type == "tensor(float)"

@@ -23,6 +23,7 @@ from conftest import FAST_PIPELINE, ROOT  # noqa: E402
 from qpipe.backends.onnx.codes import Plain  # noqa: E402
 from qpipe.backends.onnx.constants import lifted  # noqa: E402
 from qpipe.backends.onnx.values import QCodes  # noqa: E402
+from qpipe.backends.onnx.ort_exact import exact_session  # noqa: E402
 from qpipe.backends.onnx_qdq import LAYOUTS, OnnxQdqRunner, _Builder, export_onnx  # noqa: E402
 from qpipe.ir.ops.layernorm import layer_norm_scale  # noqa: E402
 from qpipe.ir.ops.softmax import unit_scale  # noqa: E402
@@ -96,7 +97,7 @@ def run_one_op(op, args: dict, out_qtype: QType, layout: str = "ort", threads: i
     onnx.checker.check_model(model, full_check=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = exact_session(model, opts)
     got = torch.from_numpy(sess.run(None, feeds)[0].astype(np.int64)) - out.zp
     return ref.to(torch.int64), got, b
 

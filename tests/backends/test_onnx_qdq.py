@@ -13,6 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import FAST_PIPELINE, TinyASR  # noqa: E402
 from qpipe.api import quantize  # noqa: E402
+from qpipe.backends.onnx.ort_exact import exact_session  # noqa: E402
 from qpipe.backends.onnx_qdq import LAYOUTS, OnnxQdqRunner, QdqLayout, export_onnx  # noqa: E402
 from qpipe.ir.errors import QpipeError  # noqa: E402
 from qpipe.ir.opspec import spec_of  # noqa: E402
@@ -267,7 +268,7 @@ def _session(nodes, inputs, outputs, inits):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return exact_session(model, opts)
 
 
 def test_the_qlinearconv_emulation_is_ort_bit_for_bit():
