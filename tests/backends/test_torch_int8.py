@@ -338,7 +338,7 @@ def test_folder_round_trip_is_bit_exact_and_loads_with_weights_only(tiny_int):
     qm = open_folder(out)
     assert qm.meta["target"] == "torch-int8"
     kinds = collections.Counter(qm.runner.program.kernels.values())
-    assert any(k.startswith(("pw-vnni", "onednn-qlinear", "int_mm")) for k in kinds), kinds  # the pointwise convs are GEMMs
+    assert any(k.startswith(("pw-vnni", "onednn-qlinear", "int_mm", "f32-matmul")) for k in kinds), kinds  # the pointwise convs are GEMMs
     assert any(k.startswith("f32-conv-cl") for k in kinds), kinds  # depthwise + the k=3 conv
     g = torch.Generator().manual_seed(1)
     for b, t in ((1, 32), (3, 57), (2, 200)):
@@ -605,12 +605,14 @@ def test_a_program_over_uint8_relu_outputs_is_bit_exact(ext):
 
 
 @pytest.mark.parametrize("ext", EXTS)
-@pytest.mark.parametrize("gemm", ["chosen", "qlinear-shifted", "int_mm", "f64"])
+@pytest.mark.parametrize("gemm", ["chosen", "qlinear-shifted", "int_mm", "f32", "f64"])
 @pytest.mark.parametrize("lo,hi", [(-128, 127), (0, 255)])
 def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
     """A uint8 input on each GEMM: as it is (VNNI, oneDNN u8 x s8, f64) or shifted to x - 128 with the bias corrected."""
     if gemm != "chosen":  # a GEMM swapped in after the choice: the bias correction must be the non-VNNI one
         monkeypatch.setattr(cpu, "vnni_ok", lambda ext: False)
+    if gemm == "int_mm":  # built as an _int_mm kernel (its shift correction) even where _int_mm is slow
+        monkeypatch.setattr(cpu, "int_mm_fast", lambda: True)
     g = torch.Generator().manual_seed(13)
     ci, co = 600, 24  # all-extreme weights: sum|w| * 128 < 2**24 <= sum|w| * 255 in the first channels
     w = torch.randint(-127, 128, (co, ci), generator=g, dtype=torch.int8)
@@ -628,6 +630,8 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
         # 255 * sum|w| >= 2**24: shifted to int8, which oneDNN runs well on some CPUs only (else _int_mm)
         assert k.kind == ("onednn-qlinear" if cpu.qlinear_s8_fast() else "int_mm"), k.kind
         assert getattr(k.gemm, "takes_u8", False) is False
+    elif gemm == "chosen":  # 255 * sum|w| >= 2**24: not fp32; _int_mm only where it has a real kernel
+        assert k.kind == ("int_mm" if cpu.int_mm_fast() else "f64-matmul"), k.kind
     elif gemm == "qlinear-shifted":
         if not cpu.qlinear_ok():
             pytest.skip("no oneDNN int8 matmul on this CPU")
@@ -644,6 +648,10 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
                             lo=lo, hi=hi, bits=8), 8, fused=True, x_unsigned=True)
     if gemm == "int_mm":
         k2.gemm = cpu.IntMM(small)
+    elif gemm == "f32":  # exact here only (255 * sum|w| < 2**24): the uint8 codes as they are, in fp32
+        k2.gemm = cpu.F32MM(small)
+    elif gemm == "chosen" and not cpu.vnni_ok(ext) and not cpu.qlinear_ok() and not cpu.int_mm_fast():
+        assert k2.kind == "f32-matmul", k2.kind
     xc = x.transpose(1, 2)
     want = torch.ops.qpipe.conv1d_rq(xc, small.unsqueeze(2), None, m, s, [1], [0], [1], 1, lo, hi, 8)
     got = k2(xc)

@@ -164,17 +164,18 @@ def qlinear_s8_fast() -> bool:
 
 @contextlib.contextmanager
 def ieee_fp32():
-    """fp32 convolutions in IEEE single precision for the duration (no bf16/tf32 shortcuts)."""
-    conv = torch.backends.mkldnn.conv
-    old = getattr(conv, "fp32_precision", None)
-    if old in (None, "none", "ieee"):
-        yield
-        return
-    conv.fp32_precision = "ieee"
+    """fp32 convolutions and matmuls in IEEE single precision for the duration (no bf16/tf32 shortcuts)."""
+    mk = torch.backends.mkldnn
+    knobs = [k for k in (getattr(mk, "conv", None), getattr(mk, "matmul", None))
+             if getattr(k, "fp32_precision", None) not in (None, "none", "ieee")]
+    old = [k.fp32_precision for k in knobs]
+    for k in knobs:
+        k.fp32_precision = "ieee"
     try:
         yield
     finally:
-        conv.fp32_precision = old
+        for k, o in zip(knobs, old):
+            k.fp32_precision = o
 
 
 # --------------------------------------------------------------------------- GEMMs
@@ -222,6 +223,47 @@ class IntMM:
         return out[:m, : self.n] if (mp != m or self.np != self.n) else out
 
 
+class F32MM:
+    """fp32 matmul of the 8-bit codes as they are (uint8 too): exact while 255 * sum|w| < 2**24.
+
+    What a CPU without integer dot products runs fastest: there ``torch._int_mm`` has no
+    real kernel (AMD EPYC Zen 3, AVX2: 7 ms for one 384x384 pointwise layer at 1601 frames,
+    about 30x this)."""
+
+    int8_only = False
+    takes_u8 = True
+
+    def __init__(self, w: Tensor):
+        self.wt = w.to(torch.float32).t().contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x.to(torch.float32) @ self.wt
+
+
+@functools.lru_cache(maxsize=None)
+def int_mm_fast() -> bool:
+    """Whether ``torch._int_mm`` beats an fp32 matmul here (it does with VNNI / AMX; without, it is a
+    plain loop). A timing probe: torch does not say which kernel it has."""
+    try:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randint(-128, 128, (512, 256), generator=g, dtype=torch.int8)
+        w = torch.randint(-127, 128, (256, 256), generator=g, dtype=torch.int8)
+        xf, wf = x.float(), w.float()
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        return best(lambda: torch._int_mm(x, w)) < 1.5 * best(lambda: xf @ wf)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 class F64MM:
     """float64 matmul: exact below 2**53 (the reference's own fallback); any integer input."""
 
@@ -241,7 +283,8 @@ def make_gemm(w: Tensor, bound: int, x_unsigned: bool = False):
     ``gemm.takes_u8``: it may also take uint8 codes as they are (oneDNN's native u8 x s8),
     proven exact for this weight (``sum|w| * 255 < 2**24``); else a uint8 input is shifted.
     Where oneDNN has no fast s8 x s8 kernel (:func:`qlinear_s8_fast`), only a uint8 input that
-    goes in as it is takes oneDNN; an int8 (or shifted) one takes ``torch._int_mm``.
+    goes in as it is takes oneDNN; an int8 (or shifted) one takes ``torch._int_mm`` where that is
+    fast (:func:`int_mm_fast`), else an exact fp32 or float64 matmul.
     """
     if bound < F32_EXACT and qlinear_ok():
         takes_u8 = weight_bound(w, 8, True) < F32_EXACT and qlinear_u8_ok()
@@ -249,8 +292,10 @@ def make_gemm(w: Tensor, bound: int, x_unsigned: bool = False):
             g = QLinear(w)
             g.takes_u8 = takes_u8
             return g, "onednn-qlinear"
-    if bound < I32_EXACT:
+    if bound < I32_EXACT and int_mm_fast():
         return IntMM(w), "int_mm"
+    if weight_bound(w, 8, True) < F32_EXACT:  # uint8 codes as they are, no shift
+        return F32MM(w), "f32-matmul"
     return F64MM(w), "f64-matmul"
 
 
@@ -488,7 +533,7 @@ class Conv:
         else:
             self.post = Widen(self.co, bias, a["acc_bits"], corr)
         # exact fp32 integers may travel between layers (no int8 -> fp32 copy before a convolution)
-        self.takes_f32 = self.kind == "f32-conv-cl" and self.dims == 1
+        self.takes_f32 = (self.kind == "f32-conv-cl" and self.dims == 1) or self.kind == "f32-matmul"
         self.can_emit_f32 = (
             fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None and self.kind != "dw-vnni"
         )
