@@ -131,6 +131,17 @@ def qlinear_u8_ok() -> bool:
         return False
 
 
+def _best_time(fn) -> float:
+    """The fastest of 3 timed calls after one untimed one (the kernel-choice probes)."""
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 @functools.lru_cache(maxsize=None)
 def qlinear_s8_fast() -> bool:
     """Whether oneDNN runs int8 (s8 x s8) activations with a real kernel on this CPU.
@@ -147,17 +158,7 @@ def qlinear_s8_fast() -> bool:
         xs = torch.randint(-128, 128, (512, 256), generator=g, dtype=torch.int8)
         xu = torch.randint(0, 256, (512, 256), generator=g, dtype=torch.uint8)
         q = QLinear(w)
-
-        def best(x: Tensor) -> float:
-            q(x)
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                q(x)
-                times.append(time.perf_counter() - t)
-            return min(times)
-
-        return best(xs) < 2.5 * best(xu)
+        return _best_time(lambda: q(xs)) < 2.5 * _best_time(lambda: q(xu))
     except Exception:  # noqa: BLE001
         return False
 
@@ -249,17 +250,7 @@ def int_mm_fast() -> bool:
         x = torch.randint(-128, 128, (512, 256), generator=g, dtype=torch.int8)
         w = torch.randint(-127, 128, (256, 256), generator=g, dtype=torch.int8)
         xf, wf = x.float(), w.float()
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            return min(times)
-
-        return best(lambda: torch._int_mm(x, w)) < 1.5 * best(lambda: xf @ wf)
+        return _best_time(lambda: torch._int_mm(x, w)) < 1.5 * _best_time(lambda: xf @ wf)
     except Exception:  # noqa: BLE001
         return False
 

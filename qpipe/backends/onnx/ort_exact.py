@@ -73,10 +73,12 @@ def ort_u8s8_saturates() -> bool:
 
 
 def _has_int8_activations(graph) -> bool:
+    from onnx import TensorProto as TP
+
     inits = {t.name: t for t in graph.initializer}
     for n in graph.node:
         if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
-            if inits[n.input[2]].data_type == 3:  # TensorProto.INT8
+            if inits[n.input[2]].data_type == TP.INT8:
                 return True
     return False
 
@@ -91,11 +93,12 @@ def shift_int8_weights(model) -> int:
     if _has_int8_activations(g):
         return 0
     inits = {t.name: t for t in g.initializer}
-    made: dict[str, str] = {}
 
-    def add(name: str, arr: np.ndarray) -> str:
+    def add(name: str, make) -> str:
+        """The initializer ``name``, made from ``make()`` the first time (a weight shared by two nodes is
+        shifted once)."""
         if name not in inits:
-            t = nh.from_array(arr, name)
+            t = nh.from_array(make(), name)
             g.initializer.append(t)
             inits[name] = t
         return name
@@ -121,9 +124,8 @@ def shift_int8_weights(model) -> int:
             zp = np.zeros(nh.to_array(scale).shape, np.int16)
         else:
             zp = np.zeros((), np.int16)
-        wname = made.get(w.name) or add(f"{w.name}__u8", (nh.to_array(w).astype(np.int16) + 128).astype(np.uint8))
-        made[w.name] = wname
-        new_zp = add(f"{zname or n.name + '_w_zp'}__u8", (zp + 128).astype(np.uint8))
+        wname = add(f"{w.name}__u8", lambda: (nh.to_array(w).astype(np.int16) + 128).astype(np.uint8))
+        new_zp = add(f"{zname or n.name + '_w_zp'}__u8", lambda: (zp + 128).astype(np.uint8))
         ins = list(n.input) + [""] * (zi + 1 - len(n.input))
         ins[wi], ins[zi] = wname, new_zp
         del n.input[:]
