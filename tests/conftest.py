@@ -73,6 +73,20 @@ def nemo_tiny_path(tmp_path_factory):
     return str(build_random_nemo("quartznet_tiny", str(path), seed=1))
 
 
+@pytest.fixture(scope="session")
+def quartznet_15x5_torch_int8(tmp_path_factory):
+    """NeMo's QuartzNet 15x5 config (random weights, non-default BN) through FAST_PIPELINE to a torch-int8
+    folder, once per session: (QuantizeResult, folder path). Building and calibrating it takes about 30 s."""
+    pytest.importorskip("nemo")
+    from qpipe.api import quantize
+    from qpipe.frontends.nemo_configs import build_random_nemo
+
+    tmp = tmp_path_factory.mktemp("qn15x5")
+    src = build_random_nemo("quartznet_15x5", str(tmp / "m.nemo"))
+    out = str(tmp / "ti8")
+    return quantize(src, FAST_PIPELINE, output=out, target="torch-int8", progress=False), out
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """For modules of tiny-tensor kernel tests: intra-op threads only add synchronization (badly so on a busy machine)."""

@@ -470,20 +470,17 @@ def test_cuda_f32_requant_rounds_ties_to_even_and_saturates(bits, lo, hi):
 @pytest.mark.slow
 @pytest.mark.nemo
 @pytest.mark.parametrize("model", ["demo", "quartznet_15x5"])
-def test_quartznets_are_bit_exact_through_the_folder(model, tmp_path):
+def test_quartznets_are_bit_exact_through_the_folder(model, tmp_path, request):
     from qpipe.api import load_model, quantize
     from qpipe.backends import open_folder
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if model == "demo":
-        src = os.path.join(root, "models", "demo_quartznet.nemo")
-    else:
-        from qpipe.frontends.nemo_configs import build_random_nemo
-
-        src = build_random_nemo(model, str(tmp_path / "m.nemo"))
-    fm = load_model(src)
-    out = str(tmp_path / "ti8")
-    result = quantize(fm, FAST_PIPELINE, output=out, target="torch-int8", progress=False)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = str(tmp_path / "ti8")
+        result = quantize(load_model(os.path.join(root, "models", "demo_quartznet.nemo")), FAST_PIPELINE, output=out,
+                          target="torch-int8", progress=False)
+    else:  # shared with the 15x5 integer-only test
+        result, out = request.getfixturevalue("quartznet_15x5_torch_int8")
     qm = open_folder(out)
     g = torch.Generator().manual_seed(0)
     for b, t in ((1, 1601), (2, 803)):

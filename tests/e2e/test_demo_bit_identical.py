@@ -92,11 +92,17 @@ def _entries() -> list[dict]:
     return json.loads(FIXTURE.read_text())["runs"]
 
 
-def test_demo_quartznet_int_logits_match_the_recorded_run(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One default-pipeline run of the demo QuartzNet for both tests (about 10 s of calibration)."""
     pytest.importorskip("nemo")
+    return run_demo(tmp_path_factory.mktemp("demo"))
+
+
+def test_demo_quartznet_int_logits_match_the_recorded_run(demo_run):
     entries = _entries()
     assert entries and all(len(e["rows"]) == 130 for e in entries)
-    fingerprint, rows = run_demo(tmp_path)
+    fingerprint, rows = demo_run
     assert len(rows) == 130
     match = [e for e in entries if e.get("fingerprint") == fingerprint]
     if not match:
@@ -108,14 +114,11 @@ def test_demo_quartznet_int_logits_match_the_recorded_run(tmp_path):
     assert not differ, f"{len(differ)} of {len(rows)} utterances differ from the recorded run; first: " + "; ".join(differ[:5])
 
 
-def test_calibration_is_deterministic_on_one_machine(tmp_path):
-    """Two runs here calibrate to the same integer graph (what the fingerprint keying relies on)."""
-    pytest.importorskip("nemo")
+def test_calibration_is_deterministic_on_one_machine(demo_run):
+    """A second run here calibrates to the same integer graph (what the fingerprint keying relies on)."""
     from qpipe.api import quantize
 
-    a = quantize(str(MODEL), passes="default", progress=False).gm
-    b = quantize(str(MODEL), passes="default", progress=False).gm
-    assert graph_fingerprint(a) == graph_fingerprint(b)
+    assert graph_fingerprint(quantize(str(MODEL), passes="default", progress=False).gm) == demo_run[0]
 
 
 if __name__ == "__main__" and "--write" in sys.argv:

@@ -82,24 +82,23 @@ def test_cli_quantizes_saves_reloads_and_transcribes(nemo_tiny_path, tmp_path):
     assert sats and all(0 <= s <= 1 for s in sats)
 
 
-def test_cli_dump_dir_and_diff_between_stages(nemo_tiny_path, tmp_path):
+def test_custom_pass_from_file_dump_dir_and_diff_between_stages(nemo_tiny_path, tmp_path):
+    """One CLI run (a NeMo import and a calibration cost about 15 s each time): a user pass loaded from a file,
+    every stage's IR dumped and printed, and `qpipe diff` between two of the dumps."""
+    example = os.path.join(ROOT, "examples", "set_bits.py")
+    pipeline = FAST_PIPELINE.replace("insert-observers,", "insert-observers,set-bits{match=encoder.1,bits=6},")
     dump = tmp_path / "dump"
-    run_cli(nemo_tiny_path, "--passes", FAST_PIPELINE, "--dump-dir", dump, "--quiet")
+    proc = run_cli(nemo_tiny_path, "--load", example, "--passes", pipeline, "--print-after-all", "--dump-dir", dump, "--quiet")
+    assert "set-bits" in proc.stdout and "changed=" in proc.stdout
+    FileCheck().check("IR after set-bits").check("bits=6").check("IR after fuse-requant").check("qpipe.conv1d_rq").check("lo=-32, hi=31, bits=6, f32=true)").run(proc.stdout)
     names = sorted(os.listdir(dump))
-    assert names[0] == "000_input.txt" and names[-1] == "006_eliminate-dead-float.txt"
-    proc = run_cli("diff", dump / "004_substitute-int-ops.txt", dump / "005_fuse-requant.txt", "--json", tmp_path / "d.json")
+    assert names[0] == "000_input.txt" and names[3] == "003_set-bits.txt" and names[-1] == "007_eliminate-dead-float.txt"
+    assert "bits=6" not in (dump / "002_insert-observers.txt").read_text() and "bits=6" in (dump / "003_set-bits.txt").read_text()
+    proc = run_cli("diff", dump / "005_substitute-int-ops.txt", dump / "006_fuse-requant.txt", "--json", tmp_path / "d.json")
     d = json.loads((tmp_path / "d.json").read_text())
     assert any(r["op"] == "qpipe.conv1d_rq" for r in d["added"])
     assert any(r["op"] == "qpipe.requant" for r in d["removed"])
     assert "added" in proc.stdout
-
-
-def test_load_custom_pass_from_file(nemo_tiny_path, tmp_path):
-    example = os.path.join(ROOT, "examples", "set_bits.py")
-    pipeline = FAST_PIPELINE.replace("insert-observers,", "insert-observers,set-bits{match=encoder.1,bits=6},")
-    proc = run_cli(nemo_tiny_path, "--load", example, "--passes", pipeline, "--print-after-all", "--quiet")
-    assert "set-bits" in proc.stdout and "changed=" in proc.stdout
-    FileCheck().check("IR after set-bits").check("bits=6").check("IR after fuse-requant").check("qpipe.conv1d_rq").check("lo=-32, hi=31, bits=6, f32=true)").run(proc.stdout)
     listed = run_cli("--load", example, "--list-passes")
     assert "set-bits" in listed.stdout
 
@@ -159,17 +158,12 @@ def test_existing_output_is_not_overwritten(nemo_tiny_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_quartznet_15x5_goes_integer_only(tmp_path):
+def test_quartznet_15x5_goes_integer_only(quartznet_15x5_torch_int8):
     """NeMo's QuartzNet 15x5 config (random weights, non-default BN): zero float ops after the quantizer."""
-    pytest.importorskip("nemo")
-    from qpipe.api import quantize
-    from qpipe.frontends.nemo_configs import build_random_nemo
     from qpipe.ir import print_ir
     from qpipe.ir.verifier import integer_region, integer_violations
 
-    path = build_random_nemo("quartznet_15x5", str(tmp_path / "qn15x5.nemo"))
-    fast = "calibrate-synthetic{steps=2,batch=1,length=64}"
-    result = quantize(path, passes=f"fold-bn,insert-observers,{fast},substitute-int-ops,fuse-requant,eliminate-dead-float", progress=False)
+    result, _ = quartznet_15x5_torch_int8
     float_convs = sum(1 for n in result.float_gm.graph.nodes if "conv1d" in str(n.target))
     assert float_convs == 171
     assert integer_violations(result.gm) == []
