@@ -338,7 +338,7 @@ def test_folder_round_trip_is_bit_exact_and_loads_with_weights_only(tiny_int):
     qm = open_folder(out)
     assert qm.meta["target"] == "torch-int8"
     kinds = collections.Counter(qm.runner.program.kernels.values())
-    assert any(k.startswith(("pw-vnni", "onednn-qlinear", "int_mm", "f32-matmul")) for k in kinds), kinds  # the pointwise convs are GEMMs
+    assert any(k.startswith(("pw-vnni", "pw-avx2", "onednn-qlinear", "int_mm", "f32-matmul")) for k in kinds), kinds  # the pointwise convs are GEMMs
     assert any(k.startswith("f32-conv-cl") for k in kinds), kinds  # depthwise + the k=3 conv
     g = torch.Generator().manual_seed(1)
     for b, t in ((1, 32), (3, 57), (2, 200)):
@@ -608,6 +608,7 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
     """A uint8 input on each GEMM: as it is (VNNI, oneDNN u8 x s8, f64) or shifted to x - 128 with the bias corrected."""
     if gemm != "chosen":  # a GEMM swapped in after the choice: the bias correction must be the non-VNNI one
         monkeypatch.setattr(cpu, "vnni_ok", lambda ext: False)
+        monkeypatch.setattr(cpu, "avx2_ok", lambda ext: False)
     if gemm == "int_mm":  # built as an _int_mm kernel (its shift correction) even where _int_mm is slow
         monkeypatch.setattr(cpu, "int_mm_fast", lambda: True)
     g = torch.Generator().manual_seed(13)
@@ -623,6 +624,8 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
     k = cpu.Linear(ext, dict(w=w, bias=bias, m=m, s=s, lo=lo, hi=hi, bits=8), 8, fused=True, x_unsigned=True)
     if gemm == "chosen" and cpu.vnni_ok(ext):
         assert k.kind == "pw-vnni", k.kind  # u8 x s8 on the codes as they are, exact below 2**31
+    elif gemm == "chosen" and cpu.avx2_ok(ext):
+        assert k.kind == "pw-avx2", k.kind  # the codes widened to int16 (vpmaddwd), exact below 2**31
     elif gemm == "chosen" and cpu.qlinear_ok():
         # 255 * sum|w| >= 2**24: shifted to int8, which oneDNN runs well on some CPUs only (else _int_mm)
         assert k.kind == ("onednn-qlinear" if cpu.qlinear_s8_fast() else "int_mm"), k.kind
@@ -647,6 +650,8 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
         k2.gemm = cpu.IntMM(small)
     elif gemm == "f32":  # exact here only (255 * sum|w| < 2**24): the uint8 codes as they are, in fp32
         k2.gemm = cpu.F32MM(small)
+    elif gemm == "chosen" and not cpu.vnni_ok(ext) and cpu.avx2_ok(ext):
+        assert k2.kind == "pw-avx2", k2.kind
     elif gemm == "chosen" and not cpu.vnni_ok(ext) and not cpu.qlinear_ok() and not cpu.int_mm_fast():
         assert k2.kind == "f32-matmul", k2.kind
     xc = x.transpose(1, 2)
@@ -699,6 +704,24 @@ def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
     """``pw-vnni``: pointwise convs and linears with rows, K and N off the kernel's 4-row, 4-byte and
     64-column blocks, int8 / uint8 codes at the extremes, requantized in the kernel (``f32=True``),
     after it (dyadic), or left as accumulators; against the reference ops."""
+    _check_pointwise_gemm(data, "pw-vnni")
+
+
+AVX2 = EXT is not None and hasattr(EXT, "pw_avx2_available") and EXT.pw_avx2_available()
+
+
+@pytest.mark.skipif(not AVX2, reason="the C++ kernels have no AVX2 here")
+@SETTINGS
+@given(data=st.data())
+def test_avx2_pointwise_gemm_is_bit_exact_fused_and_not(data):
+    """``pw-avx2`` (what a CPU without VNNI takes; forced on one with it): the same layers as the VNNI
+    test, off its 6-row, 2-byte and 16-column blocks, at the extremes; against the reference ops."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "vnni_ok", lambda ext: False)
+        _check_pointwise_gemm(data, "pw-avx2")
+
+
+def _check_pointwise_gemm(data, kind: str) -> None:
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     k, n = data.draw(st.integers(1, 300)), data.draw(st.sampled_from([1, 7, 63, 64, 65, 130, 200]))
     b, t = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 70))
@@ -716,13 +739,13 @@ def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
     want = torch.ops.qpipe.conv1d_rq(x, w.unsqueeze(2), bias, rq["m"], rq["s"], [1], [0], [1], 1, rq["lo"], rq["hi"],
                                      rq["bits"], f32)
     got = kc(x)
-    assert kc.kind == ("dw-vnni" if k == n == 1 else "pw-vnni"), kc.kind  # one channel: depthwise too
+    assert kc.kind == ("dw-vnni" if k == n == 1 and VNNI else kind), kc.kind  # one channel: depthwise too
     assert got.dtype == want.dtype and torch.equal(got, want), (k, n, x.dtype)
     assert got.transpose(1, 2).is_contiguous()  # channels-last out
     xl = x.transpose(1, 2)
     kl = cpu.Linear(EXT, dict(w=w, bias=bias, **rq, f32=f32), 8, fused=True, x_unsigned=x.dtype == torch.uint8)
     want = torch.ops.qpipe.linear_rq(xl, w, bias, rq["m"], rq["s"], rq["lo"], rq["hi"], rq["bits"], f32)
-    assert kl.kind == "pw-vnni" and torch.equal(kl(xl), want), (k, n, x.dtype)
+    assert kl.kind == kind and torch.equal(kl(xl), want), (k, n, x.dtype)
     acc = cpu.Linear(EXT, dict(w=w, bias=bias, acc_bits=32), 8, fused=False)
     assert torch.equal(acc(xl), torch.ops.qpipe.linear_acc(xl, w, bias, 32))
 

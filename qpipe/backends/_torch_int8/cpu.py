@@ -357,6 +357,38 @@ class VnniGemm:
         return post(self.ext.pw_gemm_vnni(rows, self.wp, self.n, _NO_BIAS, _NO_MULT, 0, 0, 0), shifted)
 
 
+def avx2_ok(ext: Any) -> bool:
+    """The C++ kernels were built with AVX2 (``pw_gemm_avx2``): what a CPU without VNNI multiplies codes with."""
+    return ext is not None and hasattr(ext, "pw_gemm_avx2") and bool(ext.pw_avx2_available())
+
+
+class Avx2Gemm(VnniGemm):
+    """``pw_gemm_avx2``: the codes widened to int16 and multiplied by vpmaddwd (exact, int32; an int8 input
+    read as ``x + 128`` as :class:`VnniGemm`), the float32-faithful requant fused per tile.
+
+    For x86 CPUs without VNNI (AMD Zen 3 here): there ``torch._int_mm`` is a plain loop and an exact fp32
+    matmul of the codes was the fastest exact GEMM; this one measured 1.2-1.9x that on QuartzNet's
+    256- and 512-channel pointwise layers (2 threads; ``tools/bench/torch_int8_steps.py``)."""
+
+    def __init__(self, ext: Any, w: Tensor):
+        self.ext, self.n = ext, int(w.shape[0])
+        n, k = w.shape
+        kp, nnb = -(-k // 2), -(-n // 16)
+        wp = torch.zeros(nnb * 16, kp * 2, dtype=torch.int16)
+        wp[:n, :k] = w
+        self.wp = wp.view(nnb, 16, kp, 2).permute(0, 2, 1, 3).contiguous()  # (nnb, kp, 16 n, 2 k)
+        self.w64t = w.to(torch.float64).t().contiguous()
+        self._biases = None
+
+    def run(self, rows: Tensor, post: Any) -> Tensor:
+        """``post`` of ``rows @ w.T``, as :meth:`VnniGemm.run` (the kernel takes the int64 biases as they are)."""
+        shifted = rows.dtype == torch.int8
+        if kernel_requant(post):
+            bias = post.bias_shifted if shifted else post.bias
+            return self.ext.pw_gemm_avx2(rows, self.wp, self.n, bias, post.mult, post.lo, post.hi, out_code(post.dtype))
+        return post(self.ext.pw_gemm_avx2(rows, self.wp, self.n, _NO_BIAS, _NO_MULT, 0, 0, 0), shifted)
+
+
 def run_gemm(gemm: Any, post: Any, rows: Tensor) -> Tensor:
     """``post(rows @ w.T)`` with whatever input shift the GEMM needs."""
     if isinstance(gemm, VnniGemm) and rows.dtype in (torch.int8, torch.uint8):
@@ -497,6 +529,9 @@ class Conv:
         elif pointwise and vnni_ok(ext) and self.bound_u8 < I32_EXACT:
             self.gemm, self.kind = VnniGemm(ext, w[:, :, 0]), "pw-vnni"
             corr = -shift_correction(w[:, :, 0])  # an int8 input goes in as x + 128
+        elif pointwise and avx2_ok(ext) and self.bound_u8 < I32_EXACT:
+            self.gemm, self.kind = Avx2Gemm(ext, w[:, :, 0]), "pw-avx2"
+            corr = -shift_correction(w[:, :, 0])
         elif pointwise:
             # a uint8 input is shifted to int8 first: the GEMM's bound is the signed one
             self.gemm, self.kind = make_gemm(w[:, :, 0], weight_bound(w, 8), self.x_unsigned)
@@ -662,6 +697,9 @@ class Linear:
         if x_bits <= 8 and vnni_ok(ext) and weight_bound(w, 8, True) < I32_EXACT:
             self.gemm, self.kind = VnniGemm(ext, w), "pw-vnni"
             corr = -shift_correction(w)  # an int8 input goes in as x + 128
+        elif x_bits <= 8 and avx2_ok(ext) and weight_bound(w, 8, True) < I32_EXACT:
+            self.gemm, self.kind = Avx2Gemm(ext, w), "pw-avx2"
+            corr = -shift_correction(w)
         else:
             # an 8-bit input (a uint8 one shifted to int8 first) is bounded by sum|w| * 128
             self.gemm, self.kind = make_gemm(w, weight_bound(w, 8), bool(x_unsigned)) if x_bits <= 8 else (F64MM(w), "f64-matmul")

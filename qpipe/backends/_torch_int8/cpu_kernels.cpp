@@ -22,7 +22,7 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -1015,7 +1015,136 @@ torch::Tensor dw_conv1d_cl(torch::Tensor x, torch::Tensor w4, int64_t K, int64_t
   return out;
 }
 
+// Pointwise conv / linear as an (M, K) x (K, N) GEMM on 8-bit codes with AVX2 only (no VNNI: AMD
+// Zen 3, older Intel), exact: vpmaddwd multiplies int16 pairs into int32 lanes without saturation
+// (vpmaddubsw, the u8 x s8 instruction, saturates each pair at int16: what makes ORT's MLAS AVX2 kernel
+// inexact, onnxruntime#16105). The codes are widened to int16 once per block of rows (int8 read as
+// x + 128, as pw_gemm_vnni; the caller folds -128 * sum_k w into the bias); the weights come widened:
+// wp int16 (ceil(N/16), ceil(K/2), 16 n, 2 k), column 16*nb + n, rows 2kp, 2kp+1, zero past N and K.
+// int32 accumulators, exact while 255 * sum_k |w| < 2**31. A micro-tile is 6 rows x 16 columns (12
+// named ymm accumulators; per k-pair two weight vectors and one broadcast pair per row). Output: the
+// int32 accumulators (empty ``mult``), or rq_f32_row's float32-faithful requant of each tile row with
+// an int64 bias (or none), out_code 8 / -8 / 16.
+bool pw_avx2_available() {
+#if defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX2__)
+namespace {
+template <typename Store>
+__attribute__((always_inline)) inline void pw_tile6_avx2(const int16_t* xw, int64_t KP, const int16_t* wc, int64_t nkp,
+                                                         Store&& store) {
+#define QPIPE_A2_ZERO(R) __m256i c##R##0 = _mm256_setzero_si256(), c##R##1 = c##R##0;
+  QPIPE_A2_ZERO(0) QPIPE_A2_ZERO(1) QPIPE_A2_ZERO(2) QPIPE_A2_ZERO(3) QPIPE_A2_ZERO(4) QPIPE_A2_ZERO(5)
+#undef QPIPE_A2_ZERO
+  for (int64_t kp = 0; kp < nkp; ++kp) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wc + 32 * kp));
+    const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wc + 32 * kp + 16));
+#define QPIPE_A2_ROW(R)                                                                  \
+  {                                                                                      \
+    const __m256i a = _mm256_set1_epi32(*(const int32_t*)(xw + (R) * KP + 2 * kp));      \
+    c##R##0 = _mm256_add_epi32(c##R##0, _mm256_madd_epi16(a, w0));                       \
+    c##R##1 = _mm256_add_epi32(c##R##1, _mm256_madd_epi16(a, w1));                       \
+  }
+    QPIPE_A2_ROW(0) QPIPE_A2_ROW(1) QPIPE_A2_ROW(2) QPIPE_A2_ROW(3) QPIPE_A2_ROW(4) QPIPE_A2_ROW(5)
+#undef QPIPE_A2_ROW
+  }
+  store(0, c00, c01);
+  store(1, c10, c11);
+  store(2, c20, c21);
+  store(3, c30, c31);
+  store(4, c40, c41);
+  store(5, c50, c51);
+}
+
+template <typename OutT>
+void pw_avx2_run(const uint8_t* xd, bool sgn, int64_t M, int64_t K, const int16_t* wd, int64_t N, const int64_t* bd,
+                 const float* md, float lo, float hi, OutT* od) {
+  constexpr int MR = 6;
+  constexpr int64_t MB = 24;  // rows per block: widened once (24 x K int16), then every column block
+  const int64_t KP = (K + 1) / 2 * 2, nkp = KP / 2, nnb = (N + 15) / 16;
+  const int64_t nmb = (M + MB - 1) / MB, units = nmb * nnb;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const uint8_t flip = sgn ? 0x80 : 0;
+  at::parallel_for(0, units, (units + nthreads - 1) / nthreads, [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> xw((size_t)((MB + MR) * KP), 0);  // + MR: a short last tile reads zero rows
+    int64_t widened = -1;
+    alignas(32) int32_t acc[MR][16];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t mb = u / nnb, nb = u % nnb;
+      const int64_t m0 = mb * MB, nm = std::min<int64_t>(MB, M - m0);
+      if (widened != mb) {  // a run of units shares its row block: widen it once
+        for (int64_t r = 0; r < nm; ++r) {
+          const uint8_t* xr = xd + (m0 + r) * K;
+          int16_t* wr = xw.data() + r * KP;
+          for (int64_t k = 0; k < K; ++k) wr[k] = (int16_t)(uint8_t)(xr[k] ^ flip);
+          if (KP > K) wr[K] = 0;
+        }
+        for (int64_t r = nm; r < MB + MR; ++r) std::fill(xw.begin() + r * KP, xw.begin() + (r + 1) * KP, (int16_t)0);
+        widened = mb;
+      }
+      const int64_t n0 = nb * 16, nn = std::min<int64_t>(16, N - n0);
+      const int16_t* wc = wd + nb * nkp * 32;
+      for (int64_t t = 0; t < nm; t += MR) {
+        const int nr = (int)std::min<int64_t>(MR, nm - t);
+        auto store = [&](int r, __m256i a0, __m256i a1) __attribute__((always_inline)) {
+          _mm256_store_si256((__m256i*)acc[r], a0);
+          _mm256_store_si256((__m256i*)(acc[r] + 8), a1);
+        };
+        pw_tile6_avx2(xw.data() + t * KP, KP, wc, nkp, store);
+        for (int r = 0; r < nr; ++r) {
+          OutT* o = od + (m0 + t + r) * N + n0;
+          if (md) rq_f32_row<int32_t, OutT>(acc[r], o, bd ? bd + n0 : nullptr, md + n0, nn, lo, hi);
+          else std::memcpy(o, acc[r], (size_t)nn * sizeof(int32_t));
+        }
+      }
+    }
+  });
+}
+}  // namespace
+#endif
+
+// x: int8 / uint8 (M, K) contiguous; wp: int16 (ceil(N/16), ceil(K/2), 16, 2); bias int64 (N) or empty
+// (with a mult only); mult float32 (N) or empty (int32 accumulators out).
+torch::Tensor pw_gemm_avx2(torch::Tensor x, torch::Tensor wp, int64_t N, torch::Tensor bias, torch::Tensor mult, int64_t lo,
+                           int64_t hi, int64_t out_code) {
+  TORCH_CHECK(is_codes(x) && x.dim() == 2 && x.is_contiguous(), "pw_gemm_avx2: x must be contiguous int8/uint8 (M,K)");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(wp.dtype() == torch::kInt16 && wp.dim() == 4 && wp.size(0) == (N + 15) / 16 && wp.size(1) == (K + 1) / 2 &&
+                  wp.size(2) == 16 && wp.size(3) == 2 && wp.is_contiguous(),
+              "pw_gemm_avx2: wp must be int16 (ceil(N/16), ceil(K/2), 16, 2)");
+  const bool fused = mult.numel() > 0;
+  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == N && mult.is_contiguous()),
+              "pw_gemm_avx2: mult must be float32 (N) or empty");
+  TORCH_CHECK(bias.numel() == 0 || (fused && bias.dtype() == torch::kInt64 && bias.numel() == N && bias.is_contiguous()),
+              "pw_gemm_avx2: bias must be int64 (N), and only with a fused requant");
+  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "pw_gemm_avx2: fused output is int8, uint8 or int16");
+  auto out = torch::empty({M, N}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
+  if (M == 0) return out;
+#if defined(__AVX2__)
+  const uint8_t* xd = (const uint8_t*)x.data_ptr();
+  const bool sgn = x.dtype() == torch::kInt8;
+  const int16_t* wd = wp.data_ptr<int16_t>();
+  const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
+  const float* md = fused ? mult.data_ptr<float>() : nullptr;
+  const float flo = (float)lo, fhi = (float)hi;
+  if (!fused) pw_avx2_run<int32_t>(xd, sgn, M, K, wd, N, nullptr, nullptr, 0.f, 0.f, out.data_ptr<int32_t>());
+  else if (out_code == 8) pw_avx2_run<int8_t>(xd, sgn, M, K, wd, N, bd, md, flo, fhi, out.data_ptr<int8_t>());
+  else if (out_code == -8) pw_avx2_run<uint8_t>(xd, sgn, M, K, wd, N, bd, md, flo, fhi, out.data_ptr<uint8_t>());
+  else pw_avx2_run<int16_t>(xd, sgn, M, K, wd, N, bd, md, flo, fhi, out.data_ptr<int16_t>());
+#else
+  TORCH_CHECK(false, "pw_gemm_avx2: built without AVX2");
+#endif
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("pw_avx2_available", &pw_avx2_available, "built with AVX2 (pw_gemm_avx2 works)");
+  mod.def("pw_gemm_avx2", &pw_gemm_avx2, "pointwise GEMM, 8-bit codes, int32 out or fused f32 requant (AVX2, exact)");
   mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8/uint8");
   mod.def("dw_vnni_available", &dw_vnni_available, "built with AVX-512 VNNI (dw_conv1d_vnni works)");
   mod.def("dw_conv1d_vnni", &dw_conv1d_vnni, "depthwise conv1d, 8-bit codes, int32 out or fused f32 requant (AVX-512 VNNI)");
