@@ -316,6 +316,15 @@ def vnni_biases(post: "Requant", acc_bound: Tensor) -> tuple[Tensor, Tensor]:
     return vnni_bias(post.bias_shifted, acc_bound), vnni_bias(post.bias, acc_bound)
 
 
+def padded_weight(w: Tensor, n_block: int, k_block: int, dtype: torch.dtype) -> Tensor:
+    """An (N, K) weight as ``dtype``, zero-padded to whole blocks of its rows and columns (what a packed
+    GEMM kernel's loads may read past N and K)."""
+    n, k = w.shape
+    wp = torch.zeros(-(-n // n_block) * n_block, -(-k // k_block) * k_block, dtype=dtype)
+    wp[:n, :k] = w
+    return wp
+
+
 class VnniGemm:
     """``pw_gemm_vnni``: u8 x s8 on the codes themselves (an int8 input read as ``x + 128``), int32,
     exact below 2**31; :meth:`run` fuses a float32-faithful requant into the kernel.
@@ -328,10 +337,8 @@ class VnniGemm:
 
     def __init__(self, ext: Any, w: Tensor):
         self.ext, self.n = ext, int(w.shape[0])
-        n, k = w.shape
-        kq, nnb = -(-k // 4), -(-n // 64)
-        wp = torch.zeros(nnb * 64, kq * 4, dtype=torch.int8)
-        wp[:n, :k] = w
+        wp = padded_weight(w, 64, 4, torch.int8)
+        nnb, kq = wp.shape[0] // 64, wp.shape[1] // 4
         self.wp = wp.view(nnb, 4, 16, kq, 4).permute(0, 3, 1, 2, 4).contiguous()  # (nnb, kq, 4 v, 16 n, 4 k)
         self.w64t = w.to(torch.float64).t().contiguous()
         self.acc_bound = channel_bounds(w, 8, unsigned=True)  # the kernel's u8 codes: every accumulator is below it
@@ -367,18 +374,15 @@ class Avx2Gemm(VnniGemm):
     read as ``x + 128`` as :class:`VnniGemm`), the float32-faithful requant fused per tile.
 
     For x86 CPUs without VNNI (AMD Zen 3 here): there ``torch._int_mm`` is a plain loop and an exact fp32
-    matmul of the codes was the fastest exact GEMM; this one measured 1.2-1.9x that on QuartzNet's
-    256- and 512-channel pointwise layers (2 threads; ``tools/bench/torch_int8_steps.py``)."""
+    matmul of the codes was the fastest exact GEMM; this one measured 1.2-1.9x that on 256- and 512-channel
+    pointwise layers at 801 and 6400 rows (2 threads, one process, medians of 15 calls)."""
 
     def __init__(self, ext: Any, w: Tensor):
         self.ext, self.n = ext, int(w.shape[0])
-        n, k = w.shape
-        kp, nnb = -(-k // 2), -(-n // 16)
-        wp = torch.zeros(nnb * 16, kp * 2, dtype=torch.int16)
-        wp[:n, :k] = w
+        wp = padded_weight(w, 16, 2, torch.int16)
+        nnb, kp = wp.shape[0] // 16, wp.shape[1] // 2
         self.wp = wp.view(nnb, 16, kp, 2).permute(0, 2, 1, 3).contiguous()  # (nnb, kp, 16 n, 2 k)
         self.w64t = w.to(torch.float64).t().contiguous()
-        self._biases = None
 
     def run(self, rows: Tensor, post: Any) -> Tensor:
         """``post`` of ``rows @ w.T``, as :meth:`VnniGemm.run` (the kernel takes the int64 biases as they are)."""
