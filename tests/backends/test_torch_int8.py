@@ -128,7 +128,14 @@ def test_conv1d_rq_is_bit_exact_with_the_reference(ext, layer):
 @SETTINGS
 @given(data=st.data())
 def test_dilated_conv1d_runs_as_undilated_phases_and_stays_exact(ext, data):
-    """QuartzNet's dilated depthwise layer (k=87, dilation 2) runs as d undilated convs over the time phases."""
+    """QuartzNet's dilated depthwise layer (k=87, dilation 2) runs as d undilated convs over the time phases
+    (the fp32 path, so without the integer depthwise kernels)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "avx2_ok", lambda ext: False)
+        _check_dilation_phases(ext, data)
+
+
+def _check_dilation_phases(ext, data) -> None:
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     d, k = data.draw(st.integers(2, 4)), data.draw(st.integers(2, 9))  # k = 1: a pointwise GEMM
     c = data.draw(st.integers(1, 24))
@@ -661,6 +668,7 @@ def test_every_gemm_takes_uint8_exactly(ext, gemm, lo, hi, monkeypatch):
 
 
 VNNI = EXT is not None and EXT.dw_vnni_available()
+AVX2 = EXT is not None and hasattr(EXT, "pw_avx2_available") and EXT.pw_avx2_available()
 
 
 @pytest.mark.skipif(not VNNI, reason="the C++ kernels have no AVX-512 VNNI here")
@@ -670,8 +678,23 @@ def test_vnni_depthwise_conv1d_is_bit_exact_fused_and_not(data):
     """``dw-vnni``: QuartzNet-sized depthwise layers (channels across 64-blocks, up to 90 taps, strides,
     dilations, paddings) on int8 / uint8 codes at the extremes, requantized in the kernel (``f32=True``),
     after it (dyadic), or left as accumulators; against the reference ops."""
+    _check_depthwise(data, "dw-vnni")
+
+
+@pytest.mark.skipif(not AVX2, reason="the C++ kernels have no AVX2 here")
+@SETTINGS
+@given(data=st.data())
+def test_avx2_depthwise_conv1d_is_bit_exact_fused_and_not(data):
+    """``dw-avx2`` (what a CPU without VNNI takes; forced on one with it): the VNNI test's layers, channels
+    across its 16-channel blocks, odd tap counts (its tap pairs); against the reference ops."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "vnni_ok", lambda ext: False)
+        _check_depthwise(data, "dw-avx2")
+
+
+def _check_depthwise(data, kind: str) -> None:
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    c = data.draw(st.sampled_from([1, 5, 63, 64, 65, 130]))
+    c = data.draw(st.sampled_from([1, 5, 15, 16, 17, 63, 64, 65, 130]))
     k = data.draw(st.integers(1, 90))
     stride, dil = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
     pad = data.draw(st.integers(0, dil * (k - 1) // 2 + 2))
@@ -688,12 +711,14 @@ def test_vnni_depthwise_conv1d_is_bit_exact_fused_and_not(data):
     a = dict(geo, **rq, f32=f32)
     want = torch.ops.qpipe.conv1d_rq(x, w, bias, a["m"], a["s"], [stride], [pad], [dil], c, a["lo"], a["hi"], a["bits"], f32)
     kern = cpu.Conv(EXT, a, 8, fused=True, x_unsigned=x.dtype == torch.uint8)
-    assert kern.kind == "dw-vnni" and kern.vnni_fused == f32
+    if kind == "dw-avx2" and c == k == 1:  # one channel, one tap: a pointwise GEMM
+        kind = "pw-avx2"
+    assert kern.kind == kind and (kind != "dw-vnni" or kern.vnni_fused == f32)
     got = kern(x)
     assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (c, k, stride, dil, pad, x.dtype)
     assert got.transpose(1, 2).is_contiguous()  # channels-last out
     acc = cpu.Conv(EXT, dict(geo, acc_bits=32), 8, fused=False)
-    assert acc.kind == "dw-vnni"
+    assert acc.kind == kind
     assert torch.equal(acc(x), torch.ops.qpipe.conv1d_acc(x, w, bias, [stride], [pad], [dil], c, 32))
 
 
@@ -705,9 +730,6 @@ def test_vnni_pointwise_gemm_is_bit_exact_fused_and_not(data):
     64-column blocks, int8 / uint8 codes at the extremes, requantized in the kernel (``f32=True``),
     after it (dyadic), or left as accumulators; against the reference ops."""
     _check_pointwise_gemm(data, "pw-vnni")
-
-
-AVX2 = EXT is not None and hasattr(EXT, "pw_avx2_available") and EXT.pw_avx2_available()
 
 
 @pytest.mark.skipif(not AVX2, reason="the C++ kernels have no AVX2 here")

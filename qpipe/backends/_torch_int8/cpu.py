@@ -517,11 +517,11 @@ class Conv:
             and x_bits <= 8
         )
         corr = None
-        depthwise = (
+        depthwise_int = (  # a depthwise conv1d an int32-exact C++ kernel can take
             self.dims == 1 and self.groups == self.co == w.shape[0] and w.shape[1] == 1 and x_bits <= 8
-            and ext is not None and hasattr(ext, "dw_vnni_available") and ext.dw_vnni_available()
             and self.bound_u8 < I32_EXACT
         )
+        depthwise = depthwise_int and vnni_ok(ext)
         if depthwise:
             # AVX-512 VNNI on the 8-bit codes themselves (u8 x s8): an int8 input goes in as x + 128,
             # so its accumulator holds 128 * sum_k w more, taken off with the bias (``corr``)
@@ -536,6 +536,12 @@ class Conv:
         elif pointwise and avx2_ok(ext) and self.bound_u8 < I32_EXACT:
             self.gemm, self.kind = Avx2Gemm(ext, w[:, :, 0]), "pw-avx2"
             corr = -shift_correction(w[:, :, 0])
+        elif depthwise_int and avx2_ok(ext) and hasattr(ext, "dw_conv1d_avx2"):
+            # AVX2 without VNNI: the codes widened to int16 in tap pairs (vpmaddwd), int8 read as x + 128
+            self.kind, self.ext = "dw-avx2", ext
+            self.w_avx2, self.k = avx2_depthwise_weight(w), int(w.shape[2])
+            corr = -shift_correction(w)
+            self.w64 = w.to(torch.float64)  # an input that is not 8-bit codes (never in a planned program)
         elif pointwise:
             # a uint8 input is shifted to int8 first: the GEMM's bound is the signed one
             self.gemm, self.kind = make_gemm(w[:, :, 0], weight_bound(w, 8), self.x_unsigned)
@@ -565,7 +571,8 @@ class Conv:
         # exact fp32 integers may travel between layers (no int8 -> fp32 copy before a convolution)
         self.takes_f32 = (self.kind == "f32-conv-cl" and self.dims == 1) or self.kind == "f32-matmul"
         self.can_emit_f32 = (
-            fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None and self.kind != "dw-vnni"
+            fused and self.dims == 1 and isinstance(self.post, Requant) and self.post.ext is not None
+            and self.kind not in ("dw-vnni", "dw-avx2")
         )
         self.call_cl = self._channels_last_call()
 
@@ -602,7 +609,9 @@ class Conv:
             return self.call_cl(x)
         if self.kind == "dw-vnni" and x.dtype in _EIGHT:
             return self._call_vnni(x)
-        if self.kind in ("f64-conv", "dw-vnni") or (
+        if self.kind == "dw-avx2" and x.dtype in _EIGHT and x.dim() == 3:
+            return self._call_avx2(x)
+        if self.kind in ("f64-conv", "dw-vnni", "dw-avx2") or (
             self.kind == "f32-conv-cl" and x.dtype == torch.uint8 and self.bound_u8 >= F32_EXACT
         ):
             fn = torch.nn.functional.conv1d if self.dims == 1 else torch.nn.functional.conv2d
@@ -644,6 +653,21 @@ class Conv:
         b, t, c = acc.shape
         return self.post(acc.view(b * t, c), shifted).view(b, t, c).transpose(1, 2)
 
+    def _call_avx2(self, x: Tensor) -> Tensor:
+        """Depthwise conv1d on the 8-bit codes (``dw_conv1d_avx2``), the float32-faithful requant fused in
+        where it is ``post``'s, else int32 accumulators and then ``post``."""
+        xt = x.transpose(1, 2)
+        xt = xt if xt.is_contiguous() else xt.contiguous()
+        shifted = x.dtype == torch.int8  # the kernel reads int8 codes as x + 128
+        geo = (self.k, self.stride[0], self.padding[0], self.dilation[0])
+        p = self.post
+        if kernel_requant(p):
+            bias = p.bias_shifted if shifted else p.bias
+            return self.ext.dw_conv1d_avx2(xt, self.w_avx2, *geo, bias, p.mult, p.lo, p.hi, out_code(p.dtype)).transpose(1, 2)
+        acc = self.ext.dw_conv1d_avx2(xt, self.w_avx2, *geo, _NO_BIAS, _NO_MULT, 0, 0, 0)
+        b, t, c = acc.shape
+        return p(acc.view(b * t, c), shifted).view(b, t, c).transpose(1, 2)
+
     def _call_phases(self, xf: Tensor) -> Tensor:
         """A dilated stride-1 conv1d as an undilated one over each of the ``d`` time phases.
 
@@ -683,6 +707,18 @@ def vnni_depthwise_weight(w: Tensor) -> Tensor:
     wp = torch.zeros(ncb * 64, 4 * kq, dtype=torch.int8)
     wp[:c, :k] = w[:, 0]
     return wp.view(ncb, 4, 4, 4, kq, 4).permute(0, 4, 2, 1, 3, 5).contiguous()
+
+
+# the order of 16 channels in dw_conv1d_avx2's two accumulator vectors (its word unpacks' lanes)
+_AVX2_DW_ORDER = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
+
+
+def avx2_depthwise_weight(w: Tensor) -> Tensor:
+    """A depthwise weight (C, 1, K) in ``dw_conv1d_avx2``'s order: int16 (ceil(C/16), ceil(K/2), 16, 2),
+    the 16 channels of a block in ``_AVX2_DW_ORDER``, taps ``2kp, 2kp+1``; zeros past C and K."""
+    wp = padded_weight(w[:, 0], 16, 2, torch.int16)
+    ncb, kp = wp.shape[0] // 16, wp.shape[1] // 2
+    return wp.view(ncb, 16, kp, 2)[:, _AVX2_DW_ORDER].permute(0, 2, 1, 3).contiguous()
 
 
 def dilation_phases(dims: int, stride: list[int], padding: list[int], dilation: list[int]) -> int:

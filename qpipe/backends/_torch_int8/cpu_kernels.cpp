@@ -1142,7 +1142,142 @@ torch::Tensor pw_gemm_avx2(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
   return out;
 }
 
+// Depthwise conv1d on 8-bit codes with AVX2 only, exact, the same arithmetic and epilogue as
+// pw_gemm_avx2: per 16 channels and a tile of output times the padded input (int8 read as x + 128,
+// padding the shifted zero) is widened to int16 and packed in tap pairs, Q[r] = (xp[r], xp[r+d]) per
+// channel, so that output t is the sum over kp of vpmaddwd(Q[t*stride + 2*d*kp], w[taps 2kp, 2kp+1]).
+// The word unpacks leave vector 0 holding channels 0-3 and 8-11, vector 1 channels 4-7 and 12-15;
+// the weights (``w2``, built by the caller) come in that order: int16 (ceil(C/16), KP, 16, 2) for
+// channel order (0-3, 8-11, 4-7, 12-15), zero past C and past the layer's K taps. A micro-tile is 6
+// output times x 16 channels (12 accumulators). Exact while 255 * sum_k |w| < 2**31.
+#if defined(__AVX2__)
+namespace {
+template <typename OutT>
+void dw_avx2_run(const uint8_t* xd, bool sgn, int64_t B, int64_t T, int64_t C, const int16_t* wd, int64_t KP,
+                 int64_t stride, int64_t pad, int64_t dil, int64_t Tout, const int64_t* bd, const float* md, float lo,
+                 float hi, OutT* od) {
+  constexpr int TBV = 6;
+  const int64_t ncb = (C + 15) / 16;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t ntile = (Tout + 127) / 128;
+  for (int64_t n = ntile; n < 2 * ntile; ++n)
+    if ((B * n) % nthreads == 0) {
+      ntile = n;
+      break;
+    }
+  const int64_t TT = ((Tout + ntile - 1) / ntile + TBV - 1) / TBV * TBV;
+  ntile = (Tout + TT - 1) / TT;
+  const int64_t qspan = 2 * dil * (KP - 1);  // Q rows one output reaches past its first
+  const uint8_t flip = sgn ? 0x80 : 0;
+  at::parallel_for(0, B * ntile, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m256i> qbuf((size_t)(2 * ((TT - 1 + TBV) * stride + qspan + 1)));
+    alignas(32) int32_t acc[TBV][16];
+    alignas(32) uint8_t row0[16], row1[16];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / ntile, tile = i % ntile;
+      const int64_t t0 = tile * TT, nt = std::min<int64_t>(TT, Tout - t0);
+      const int64_t r0 = t0 * stride, nq = (nt - 1) * stride + qspan + 1;
+      const int64_t nqb = (int64_t)qbuf.size() / 2;  // rows past nq (a short micro-tile reads them) stay as they are
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        const int64_t c0 = cb * 16, nc = std::min<int64_t>(16, C - c0);
+        const uint8_t* xb = xd + b * T * C + c0;
+        auto load = [&](int64_t src, uint8_t* row) {
+          if (src >= 0 && src < T) {
+            const uint8_t* p = xb + src * C;
+            for (int64_t c = 0; c < nc; ++c) row[c] = p[c] ^ flip;
+            for (int64_t c = nc; c < 16; ++c) row[c] = 0;
+          } else {
+            std::memset(row, flip, 16);
+          }
+        };
+        for (int64_t q = 0; q < std::min(nq, nqb); ++q) {
+          load(r0 + q - pad, row0);
+          load(r0 + q + dil - pad, row1);
+          const __m256i a = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i*)row0));
+          const __m256i c = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i*)row1));
+          qbuf[2 * q] = _mm256_unpacklo_epi16(a, c);
+          qbuf[2 * q + 1] = _mm256_unpackhi_epi16(a, c);
+        }
+        const int16_t* wc = wd + cb * KP * 32;
+        for (int64_t tb = 0; tb < nt; tb += TBV) {
+          const int nb = (int)std::min<int64_t>(TBV, nt - tb);
+          const __m256i* q0 = qbuf.data() + 2 * tb * stride;
+          const int64_t su = 2 * stride, sk = 4 * dil;  // vectors per output step / per tap pair
+#define QPIPE_D2_ZERO(U) __m256i c##U##0 = _mm256_setzero_si256(), c##U##1 = c##U##0;
+          QPIPE_D2_ZERO(0) QPIPE_D2_ZERO(1) QPIPE_D2_ZERO(2) QPIPE_D2_ZERO(3) QPIPE_D2_ZERO(4) QPIPE_D2_ZERO(5)
+#undef QPIPE_D2_ZERO
+          for (int64_t kp = 0; kp < KP; ++kp) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i*)(wc + 32 * kp));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i*)(wc + 32 * kp + 16));
+            const __m256i* qk = q0 + sk * kp;
+#define QPIPE_D2_ROW(U)                                                                    \
+  {                                                                                        \
+    const __m256i* qu = qk + su * (U);                                                     \
+    c##U##0 = _mm256_add_epi32(c##U##0, _mm256_madd_epi16(_mm256_loadu_si256(qu), w0));     \
+    c##U##1 = _mm256_add_epi32(c##U##1, _mm256_madd_epi16(_mm256_loadu_si256(qu + 1), w1)); \
+  }
+            QPIPE_D2_ROW(0) QPIPE_D2_ROW(1) QPIPE_D2_ROW(2) QPIPE_D2_ROW(3) QPIPE_D2_ROW(4) QPIPE_D2_ROW(5)
+#undef QPIPE_D2_ROW
+          }
+#define QPIPE_D2_STORE(U)                                                                   \
+  _mm256_store_si256((__m256i*)acc[U], _mm256_permute2x128_si256(c##U##0, c##U##1, 0x20));  \
+  _mm256_store_si256((__m256i*)(acc[U] + 8), _mm256_permute2x128_si256(c##U##0, c##U##1, 0x31));
+          QPIPE_D2_STORE(0) QPIPE_D2_STORE(1) QPIPE_D2_STORE(2) QPIPE_D2_STORE(3) QPIPE_D2_STORE(4) QPIPE_D2_STORE(5)
+#undef QPIPE_D2_STORE
+          for (int u = 0; u < nb; ++u) {
+            OutT* o = od + (b * Tout + t0 + tb + u) * C + c0;
+            if (md) rq_f32_row<int32_t, OutT>(acc[u], o, bd ? bd + c0 : nullptr, md + c0, nc, lo, hi);
+            else std::memcpy(o, acc[u], (size_t)nc * sizeof(int32_t));
+          }
+        }
+      }
+    }
+  });
+}
+}  // namespace
+#endif
+
+// x: int8 / uint8 (B, T, C) contiguous; w2: int16 (ceil(C/16), KP, 16, 2) with 2 * KP >= K; bias int64 (C)
+// or empty (with a mult only); mult float32 (C) or empty (int32 accumulators out). Returns (B, Tout, C).
+torch::Tensor dw_conv1d_avx2(torch::Tensor x, torch::Tensor w2, int64_t K, int64_t stride, int64_t pad, int64_t dil,
+                             torch::Tensor bias, torch::Tensor mult, int64_t lo, int64_t hi, int64_t out_code) {
+  TORCH_CHECK(is_codes(x) && x.dim() == 3 && x.is_contiguous(), "dw_conv1d_avx2: x must be contiguous int8/uint8 (B,T,C)");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  TORCH_CHECK(w2.dtype() == torch::kInt16 && w2.dim() == 4 && w2.size(0) == (C + 15) / 16 && w2.size(2) == 16 &&
+                  w2.size(3) == 2 && w2.is_contiguous(),
+              "dw_conv1d_avx2: w2 must be int16 (ceil(C/16), KP, 16, 2)");
+  const int64_t KP = w2.size(1);
+  TORCH_CHECK(K >= 1 && K <= 2 * KP && stride >= 1 && dil >= 1 && pad >= 0, "dw_conv1d_avx2: bad geometry");
+  const int64_t Tout = (T + 2 * pad - dil * (K - 1) - 1) / stride + 1;
+  TORCH_CHECK(Tout > 0, "dw_conv1d_avx2: empty output");
+  const bool fused = mult.numel() > 0;
+  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == C && mult.is_contiguous()),
+              "dw_conv1d_avx2: mult must be float32 (C) or empty");
+  TORCH_CHECK(bias.numel() == 0 || (fused && bias.dtype() == torch::kInt64 && bias.numel() == C && bias.is_contiguous()),
+              "dw_conv1d_avx2: bias must be int64 (C), and only with a fused requant");
+  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "dw_conv1d_avx2: fused output is int8, uint8 or int16");
+  auto out = torch::empty({B, Tout, C}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
+#if defined(__AVX2__)
+  const uint8_t* xd = (const uint8_t*)x.data_ptr();
+  const bool sgn = x.dtype() == torch::kInt8;
+  const int16_t* wd = w2.data_ptr<int16_t>();
+  const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
+  const float* md = fused ? mult.data_ptr<float>() : nullptr;
+  const float flo = (float)lo, fhi = (float)hi;
+#define QPIPE_DW2(OUT) dw_avx2_run<OUT>(xd, sgn, B, T, C, wd, KP, stride, pad, dil, Tout, bd, md, flo, fhi, out.data_ptr<OUT>())
+  if (!fused) QPIPE_DW2(int32_t);
+  else if (out_code == 8) QPIPE_DW2(int8_t);
+  else if (out_code == -8) QPIPE_DW2(uint8_t);
+  else QPIPE_DW2(int16_t);
+#undef QPIPE_DW2
+#else
+  TORCH_CHECK(false, "dw_conv1d_avx2: built without AVX2");
+#endif
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("dw_conv1d_avx2", &dw_conv1d_avx2, "depthwise conv1d, 8-bit codes, int32 out or fused f32 requant (AVX2, exact)");
   mod.def("pw_avx2_available", &pw_avx2_available, "built with AVX2 (pw_gemm_avx2 works)");
   mod.def("pw_gemm_avx2", &pw_gemm_avx2, "pointwise GEMM, 8-bit codes, int32 out or fused f32 requant (AVX2, exact)");
   mod.def("dw_conv1d_rq", &dw_conv1d_rq, "depthwise conv1d + requant, channels-last int8/uint8");
