@@ -12,8 +12,9 @@ integer tensors and its calls in order, read through each op's ``OpSpec``; see
   kernels (``_torch_int8/cpu_kernels.cpp``, built once where a compiler exists,
   else the same integers in torch ops).
 * CUDA (``device="cuda"``, or ``QPIPE_TORCH_INT8_DEVICE=cuda``): ``torch._int_mm``
-  (cuBLASLt) and Triton kernels for the depthwise convolution and requantization;
-  where there is no CUDA it says so in one line.
+  (cuBLASLt) and Triton kernels for the depthwise convolution and requantization,
+  replayed as one CUDA graph per input shape (``_torch_int8/cuda_graph.py``;
+  ``cuda_graphs=False`` runs them eagerly); where there is no CUDA it says so in one line.
 """
 from __future__ import annotations
 
@@ -56,22 +57,32 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _on_device(program, cuda_graphs: bool):
+    """On CUDA, the program replayed from CUDA graphs unless ``cuda_graphs`` is False; elsewhere as it is."""
+    if program.device.type != "cuda" or not cuda_graphs:
+        return program
+    from qpipe.backends._torch_int8.cuda_graph import CudaGraphed
+
+    return CudaGraphed(program)
+
+
 def program_from_graph(gm: GraphModule, device: str | torch.device = "cpu", use_ext: bool = True,
-                       kernels: Optional[str] = None):
+                       kernels: Optional[str] = None, cuda_graphs: bool = True):
     """The fast program of an integer graph, without writing a folder (tests, benchmarks); ``kernels``: see
     :class:`~qpipe.backends._torch_int8.program.Program`."""
     from qpipe.backends._torch_int8.plan import plan_from_graph
     from qpipe.backends._torch_int8.program import Program
 
-    return Program(plan_from_graph(gm), check_device(device), use_ext=use_ext, kernels=kernels)
+    return _on_device(Program(plan_from_graph(gm), check_device(device), use_ext=use_ext, kernels=kernels), cuda_graphs)
 
 
-def load_program(folder: str, device: Optional[str | torch.device] = None, use_ext: bool = True):
+def load_program(folder: str, device: Optional[str | torch.device] = None, use_ext: bool = True,
+                 cuda_graphs: bool = True):
     from qpipe.backends._torch_int8.program import Program
 
     dev = check_device(device or os.environ.get(DEVICE_ENV) or "cpu")
     plan = torch.load(os.path.join(folder, MODEL_FILE), weights_only=True)
-    return Program(plan, dev, use_ext=use_ext)
+    return _on_device(Program(plan, dev, use_ext=use_ext), cuda_graphs)
 
 
 @register_target

@@ -381,7 +381,41 @@ def test_cuda_program_is_bit_exact(tiny_int):
     x = torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = result.gm(x)
-    assert torch.equal(program_from_graph(result.gm, device="cuda")(x).cpu(), want)
+    graphed = program_from_graph(result.gm, device="cuda")
+    assert graphed.mode == "cuda graph"
+    assert torch.equal(graphed(x).cpu(), want) and torch.equal(graphed(x).cpu(), want)  # capture, then replay
+    assert torch.equal(program_from_graph(result.gm, device="cuda", cuda_graphs=False)(x).cpu(), want)
+    x2 = torch.randn(1, 8, 40)
+    with torch.no_grad():
+        assert torch.equal(graphed(x2).cpu(), result.gm(x2)) and len(graphed.graphs) == 2
+
+
+def test_cuda_int_mm_hands_cublaslt_a_column_major_weight():
+    """int8 tensor cores take K-major operands only: a row-major (K, N) weight is CUBLAS_STATUS_NOT_SUPPORTED on
+    an H200 (torch 2.11, CUDA 13). The weight must reach ``_int_mm`` as a column-major view, padded to multiples of 8."""
+    from qpipe.backends._torch_int8.cuda import CudaIntMM
+
+    w = torch.randint(-128, 128, (13, 21), dtype=torch.int8)
+    mm = CudaIntMM(w, "cpu")
+    assert mm.wt.shape == (24, 16) and mm.wt.t().is_contiguous() and not mm.wt.is_contiguous()
+    x = torch.randint(-128, 128, (5, 21), dtype=torch.int8)
+    assert torch.equal(mm(x), x.to(torch.int32) @ w.t().to(torch.int32))
+
+
+def test_cuda_graph_capture_failure_runs_eagerly_and_says_so(tiny_int):
+    """A program that cannot be captured (here: no CUDA at all) still answers, eagerly, and ``mode`` says why."""
+    from qpipe.backends._torch_int8.cuda_graph import CudaGraphed
+
+    if torch.cuda.is_available():
+        pytest.skip("capture works here")
+    result, _ = tiny_int
+    prog = program_from_graph(result.gm)
+    graphed = CudaGraphed(prog)
+    x = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(graphed(x), result.gm(x))
+    assert graphed.mode.startswith("eager (CUDA graph capture failed: ") and "\n" not in graphed.mode
+    assert not graphed.graphs
 
 
 def _as_f32(data, a: dict) -> dict:

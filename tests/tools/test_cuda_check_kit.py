@@ -47,7 +47,7 @@ def test_kit_runs_the_cuda_kernels_bit_exactly_and_times_the_float_twin(kit, tmp
     row = report["models"]["tiny"]
     assert report["bit_exact_everywhere"] and row["bit_exact"] == {"1": True, "3": True}
     assert any(k.startswith("cuda") for k in row["kernels"]) and row["batch"] == 3
-    assert set(row["median_ms"]) == {"torch fp32 (float twin)", "qpipe torch-int8 CUDA"}  # fp16 only on a GPU
+    assert set(row["median_ms"]) == {"torch fp32 (float twin)", "qpipe torch-int8 CUDA eager"}  # fp16 and graphs only on a GPU
     assert all(v > 0 for v in row["median_ms"].values())
     assert "bit-exact on every model and batch: True" in capsys.readouterr().out
 

@@ -119,10 +119,57 @@ def make_kit(kit: str, models: list[str], batch: int, frames: int, work: str) ->
     return 0
 
 
-def run_kit(kit: str, device: str, rounds: int, json_path: str | None) -> int:
-    """There: the CUDA kernels against the kit's reference logits, and the float twin in fp32 / fp16 against them."""
-    import json
+def _float_candidates(plan: dict, dev: torch.device, cuda: bool) -> dict:
+    """The float baselines: the twin in fp32 (strict, and with TF32, torch's default for cuDNN convolutions), in fp16,
+    and on CUDA each of them replayed from a CUDA graph too (the launch cost the int8 graph saves, saved for float)."""
+    from qpipe.backends._torch_int8.cuda_graph import CudaGraphed
 
+    twin = float_twin(plan).to(dev)
+    out = {"torch fp32 (float twin)": (twin, torch.float32, False)}
+    if cuda:
+        out["torch fp32+TF32 (float twin)"] = (twin, torch.float32, True)
+        twin16 = float_twin(plan).to(dev).half()
+        out["torch fp16 (float twin)"] = (twin16, torch.float16, False)
+        out["torch fp32 CUDA graph (float twin)"] = (CudaGraphed(twin, dev), torch.float32, False)
+        out["torch fp16 CUDA graph (float twin)"] = (CudaGraphed(twin16, dev), torch.float16, False)
+    return out
+
+
+def _time_candidates(row: dict, plan: dict, programs: dict, batch_file: str, dev, cuda: bool, rounds: int, save,
+                     key: str) -> dict:
+    """Median ms of every float baseline and int8 program on one batch, into ``row[key]`` as each one is done."""
+    import traceback
+
+    x = torch.load(batch_file, weights_only=True)["x"].to(dev)
+    cands = _float_candidates(plan, dev, cuda)
+    cands.update({k: (v, None, False) for k, v in programs.items()})
+    res: dict = {}
+    for cname, (fn, dtype, tf32) in cands.items():
+        try:
+            xin = x.to(dtype) if dtype is not None else x
+            if cuda:
+                torch.backends.cudnn.allow_tf32 = tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            with torch.no_grad():
+                res[cname] = timed(fn, xin, rounds, sync=torch.cuda.synchronize if cuda else (lambda: None))
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            row["errors"][f"time {key} {cname}"] = f"{type(exc).__name__}: {exc}"[:300]
+        if hasattr(fn, "mode"):  # a CudaGraphed: whether it replayed a graph, or why it ran eagerly
+            row.setdefault("graph_modes", {})[cname] = fn.mode
+        row[key] = {k: round(v, 4) for k, v in res.items()}
+        save()
+    return res
+
+
+def run_kit(kit: str, device: str, rounds: int, json_path: str | None) -> int:
+    """There: the CUDA kernels (eager, and replayed from CUDA graphs) against the kit's reference logits, and the
+    float twin in fp32 / fp16 against them. Every result is written to ``json_path`` as soon as it exists, and a
+    failing candidate is recorded as such, so that one short run on a lent GPU keeps all it measured."""
+    import json
+    import traceback
+
+    from qpipe.backends._torch_int8.cuda_graph import CudaGraphed
     from qpipe.backends._torch_int8.program import Program
 
     dev = torch.device(device)
@@ -134,47 +181,70 @@ def run_kit(kit: str, device: str, rounds: int, json_path: str | None) -> int:
     name_dev = torch.cuda.get_device_name(dev) if cuda else "cpu (CUDA kernels, Triton interpreted)"
     print(f"torch {torch.__version__}, {name_dev}", flush=True)
     report: dict = {"torch": torch.__version__, "device": name_dev, "models": {}}
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        report["triton"] = None
+
+    def save() -> None:
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(report, f, indent=1)
+
     all_exact = True
     for name in sorted(os.listdir(kit)):
         d = os.path.join(kit, name)
         plan = torch.load(os.path.join(d, "model.ti8.pt"), weights_only=True)
         prog = Program(plan, dev, kernels="cuda")
+        programs = {"qpipe torch-int8 CUDA eager": prog}
+        if cuda:
+            programs["qpipe torch-int8 CUDA graph"] = CudaGraphed(prog)
         kinds: dict[str, int] = {}
         for k in prog.kernels.values():
             kinds[k] = kinds.get(k, 0) + 1
-        row: dict = {"kernels": kinds, "bit_exact": {}, "median_ms": {}}
+        row: dict = {"kernels": kinds, "bit_exact": {}, "median_ms": {}, "errors": {}}
+        report["models"][name] = row
         print(f"{name}: kernels {kinds}", flush=True)
         batches = sorted(int(f[5:-3]) for f in os.listdir(d) if f.startswith("batch"))
         for b in batches:
             data = torch.load(os.path.join(d, f"batch{b}.pt"), weights_only=True)
-            got = prog(data["x"]).cpu()
             want = data["want"]
-            same = got.dtype == want.dtype and torch.equal(got, want)
-            all_exact &= same
-            row["bit_exact"][b] = same
-            diff = "" if same else f" (max |diff| {int((got.to(torch.int64) - want.to(torch.int64)).abs().max())})"
-            print(f"  batch {b}: CUDA int8 logits bit-exact with the CPU reference: {same}{diff}", flush=True)
-        b = batches[-1]
-        x = torch.load(os.path.join(d, f"batch{b}.pt"), weights_only=True)["x"].to(dev)
-        twin = float_twin(plan).to(dev)
-        res = {}
-        with torch.no_grad():
-            res["torch fp32 (float twin)"] = timed(twin, x, rounds, sync)
-            if cuda:
-                twin16, x16 = float_twin(plan).to(dev).half(), x.half()
-                res["torch fp16 (float twin)"] = timed(twin16, x16, rounds, sync)
-            res["qpipe torch-int8 CUDA"] = timed(prog, x, rounds, sync)
-        base = res["torch fp32 (float twin)"]
-        row["median_ms"] = {k: round(v, 4) for k, v in res.items()}
-        row["batch"] = b
-        row["int8_speedup_vs_fp32"] = round(base / res["qpipe torch-int8 CUDA"], 3)
-        report["models"][name] = row
-        print(f"  batch {b}: " + ", ".join(f"{k} {v:.2f} ms (x{base / v:.2f})" for k, v in res.items()), flush=True)
+            for pname, p in programs.items():
+                key = f"{b}" if pname.endswith("eager") else f"{b} graph"
+                try:
+                    p(torch.zeros_like(data["x"]))  # a graph's capture, so that the check below is of its replay
+                    got = p(data["x"]).cpu()
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    row["errors"][key] = f"{type(exc).__name__}: {exc}"[:300]
+                    row["bit_exact"][key], all_exact = False, False
+                    continue
+                same = got.dtype == want.dtype and torch.equal(got, want)
+                all_exact &= same
+                row["bit_exact"][key] = same
+                diff = "" if same else f" (max |diff| {int((got.to(torch.int64) - want.to(torch.int64)).abs().max())})"
+                print(f"  batch {b}, {pname}: logits bit-exact with the CPU reference: {same}{diff}", flush=True)
+            save()
+        for b in [batches[-1]] + ([1] if cuda and len(batches) > 1 and 1 in batches else []):
+            res = _time_candidates(row, plan, programs, os.path.join(d, f"batch{b}.pt"), dev, cuda, rounds, save,
+                                   "median_ms" if b == batches[-1] else f"median_ms_batch{b}")
+            base = res.get("torch fp32 (float twin)")
+            if b == batches[-1]:
+                row["batch"] = b
+                for k in ("qpipe torch-int8 CUDA eager", "qpipe torch-int8 CUDA graph"):
+                    if base and k in res:
+                        row[f"speedup vs fp32: {k}"] = round(base / res[k], 3)
+                fp32g, i8g = res.get("torch fp32 CUDA graph (float twin)"), res.get("qpipe torch-int8 CUDA graph")
+                if fp32g and i8g:
+                    row["speedup graph vs fp32 graph"] = round(fp32g / i8g, 3)
+            save()
+            if base:
+                print(f"  batch {b}: " + ", ".join(f"{k} {v:.3f} ms (x{base / v:.2f})" for k, v in res.items()), flush=True)
     report["bit_exact_everywhere"] = all_exact
+    save()
     print("bit-exact on every model and batch:", all_exact)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=1)
     return 0 if all_exact else 1
 
 

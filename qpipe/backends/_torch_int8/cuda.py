@@ -31,6 +31,7 @@ from torch import Tensor
 
 from qpipe.backends._torch_int8.f32 import f32_multipliers, requant_f32
 from qpipe.ir.ops.kernels import dtype_for_range, requant_reference, round_shift
+from qpipe.ir.ops.quantize import quantize_by
 
 I32_EXACT = 1 << 31
 U8_SHIFT = 128
@@ -188,14 +189,18 @@ class CudaRequant:
 
 class CudaIntMM:
     """``x (M, K) int8 @ w.T`` -> int32 with cuBLASLt; pads to m > 16 and k, n multiples of 8 (int8 only:
-    the caller shifts a uint8 input)."""
+    the caller shifts a uint8 input).
+
+    The weight is kept (N, K) row-major and handed over as its transpose, a column-major (K, N) view:
+    int8 tensor cores multiply K-major operands only, and cuBLASLt answers CUBLAS_STATUS_NOT_SUPPORTED
+    to a row-major second operand (seen on an H200 with torch 2.11 / CUDA 13)."""
 
     def __init__(self, w: Tensor, device):
         self.n, self.k = w.shape
         self.kp, self.np = -(-self.k // 8) * 8, -(-self.n // 8) * 8
-        wt = torch.zeros(self.kp, self.np, dtype=torch.int8)
-        wt[: self.k, : self.n] = w.t()
-        self.wt = wt.to(device)
+        wp = torch.zeros(self.np, self.kp, dtype=torch.int8)
+        wp[: self.n, : self.k] = w
+        self.wt = wp.to(device).t()  # (K, N), column-major
 
     def __call__(self, x: Tensor) -> Tensor:
         m = x.shape[0]
@@ -332,6 +337,18 @@ class CudaAddRequant:
         return round_shift(v, self.s.to(a.device)).clamp(self.lo, self.hi).to(self.dtype)
 
 
+class CudaQuantize:
+    """The reference's input quantizer with its float32 scale kept on the GPU: the reference makes the scale
+    tensor per call, a host-to-device copy that a CUDA graph cannot capture."""
+
+    def __init__(self, device, a: dict[str, Any]):
+        self.scale = torch.tensor(float(a["scale"]), dtype=torch.float32, device=device)
+        self.bits = int(a["bits"])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return quantize_by(x, self.scale, self.bits)
+
+
 class CudaBackend:
     def __init__(self, device):
         self.device = torch.device(device)
@@ -351,6 +368,8 @@ class CudaBackend:
         if op == "add_requant":
             k = CudaAddRequant(a)
             return k, ["a", "b"], k.kind
+        if op == "quantize":
+            return CudaQuantize(self.device, a), ["x"], "cuda quantize"
         if op == "clamp_int":
             lo, hi = int(a["lo"]), int(a["hi"])
             return (lambda x: x.clamp(lo, hi)), ["x"], "clamp"

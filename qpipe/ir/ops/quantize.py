@@ -21,9 +21,14 @@ from qpipe.ir.ops.kernels import dtype_for_bits
 @qpipe_op("quantize", kind=OpKind.QUANTIZE, scale_rule=ScaleRule.ARGUMENT, scale_arg="scale", out_bits="bits")
 def quantize(x: Tensor, scale: float, bits: int) -> Tensor:
     """Per-tensor quantizer ``clamp(round_half_even(fl32(x / scale)))`` (ONNX QuantizeLinear, zero point 0)."""
+    return quantize_by(x, torch.tensor(scale, dtype=torch.float32, device=x.device), bits)
+
+
+def quantize_by(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """:func:`quantize` with the scale as a float32 tensor on ``x``'s device: a backend that keeps it there
+    makes no host-to-device copy per call (which a CUDA graph could not capture)."""
     hi = (1 << (bits - 1)) - 1
-    quotient = x.to(torch.float32) / torch.tensor(scale, dtype=torch.float32, device=x.device)
-    return torch.round(quotient).clamp(-hi - 1, hi).to(dtype_for_bits(bits))
+    return torch.round(x.to(torch.float32) / scale).clamp(-hi - 1, hi).to(dtype_for_bits(bits))
 
 
 @quantize.register_fake
