@@ -7,8 +7,9 @@ Adding a target is one module in this folder that defines a :class:`Target`
 subclass under ``@register_target``; the registry imports it when first asked
 (outside qpipe: an entry point in the group ``qpipe.targets``).
 
-Built in: ``reference`` (torch.export program of the exact ``qpipe::`` kernels).
-PyTorch int8 (VNNI, CUDA), ONNX QDQ and TensorRT are next (../shared/ROADMAP.md).
+Built in: ``reference`` (torch.export program of the exact ``qpipe::`` kernels),
+``torch-int8`` (the same integers on fast CPU and CUDA kernels), ``onnx-qdq`` (ONNX
+Runtime) and ``tensorrt`` (an engine from a TensorRT QDQ layout).
 
 Layering: this package may import ``qpipe.ir`` and ``qpipe.frontends``, never
 ``qpipe.passes``, ``qpipe.asr`` or the application (``qpipe.api``, ``qpipe.cli``,

@@ -767,6 +767,26 @@ void dw_vnni_into(const uint8_t* xd, bool sgn, int64_t B, int64_t T, int64_t C, 
                   int64_t stride, int64_t pad, int64_t dil, const torch::Tensor& bias, const torch::Tensor& mult, int64_t lo,
                   int64_t hi, torch::Tensor& out, int64_t Tout);
 
+// The AVX2 kernels' epilogue constants as raw pointers: the int64 bias (or none) and the float32
+// multipliers (none: int32 accumulators out), the clamp as floats.
+struct Avx2Epilogue {
+  const int64_t* bias;
+  const float* mult;
+  float lo, hi;
+  Avx2Epilogue(const torch::Tensor& b, const torch::Tensor& m, int64_t lo_, int64_t hi_)
+      : bias(b.numel() ? b.data_ptr<int64_t>() : nullptr), mult(m.numel() ? m.data_ptr<float>() : nullptr),
+        lo((float)lo_), hi((float)hi_) {}
+};
+
+// f(out's data as the kernel's output type): int32 accumulators unfused, else out_code's 8/16-bit codes.
+template <class F>
+void with_out_type(bool fused, int64_t out_code, torch::Tensor& out, F&& f) {
+  if (!fused) f(out.data_ptr<int32_t>());
+  else if (out_code == 8) f(out.data_ptr<int8_t>());
+  else if (out_code == -8) f(out.data_ptr<uint8_t>());
+  else f(out.data_ptr<int16_t>());
+}
+
 // The epilogue arguments both VNNI kernels take for n output channels: an empty mult and bias (int32
 // accumulators out), or a float32 mult (n), an int64 / int32 bias (n) or none, and an 8/16-bit output.
 void check_epilogue_args(const char* kernel, const torch::Tensor& bias, const torch::Tensor& mult, int64_t n,
@@ -1118,24 +1138,17 @@ torch::Tensor pw_gemm_avx2(torch::Tensor x, torch::Tensor wp, int64_t N, torch::
                   wp.size(2) == 16 && wp.size(3) == 2 && wp.is_contiguous(),
               "pw_gemm_avx2: wp must be int16 (ceil(N/16), ceil(K/2), 16, 2)");
   const bool fused = mult.numel() > 0;
-  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == N && mult.is_contiguous()),
-              "pw_gemm_avx2: mult must be float32 (N) or empty");
-  TORCH_CHECK(bias.numel() == 0 || (fused && bias.dtype() == torch::kInt64 && bias.numel() == N && bias.is_contiguous()),
-              "pw_gemm_avx2: bias must be int64 (N), and only with a fused requant");
-  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "pw_gemm_avx2: fused output is int8, uint8 or int16");
+  check_epilogue_args("pw_gemm_avx2", bias, mult, N, out_code);
+  TORCH_CHECK(mult.is_contiguous() && (bias.numel() == 0 || (bias.dtype() == torch::kInt64 && bias.is_contiguous())),
+              "pw_gemm_avx2: mult and bias must be contiguous, the bias int64 (the AVX2 epilogue sums in int64)");
   auto out = torch::empty({M, N}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
   if (M == 0) return out;
 #if defined(__AVX2__)
   const uint8_t* xd = (const uint8_t*)x.data_ptr();
   const bool sgn = x.dtype() == torch::kInt8;
   const int16_t* wd = wp.data_ptr<int16_t>();
-  const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
-  const float* md = fused ? mult.data_ptr<float>() : nullptr;
-  const float flo = (float)lo, fhi = (float)hi;
-  if (!fused) pw_avx2_run<int32_t>(xd, sgn, M, K, wd, N, nullptr, nullptr, 0.f, 0.f, out.data_ptr<int32_t>());
-  else if (out_code == 8) pw_avx2_run<int8_t>(xd, sgn, M, K, wd, N, bd, md, flo, fhi, out.data_ptr<int8_t>());
-  else if (out_code == -8) pw_avx2_run<uint8_t>(xd, sgn, M, K, wd, N, bd, md, flo, fhi, out.data_ptr<uint8_t>());
-  else pw_avx2_run<int16_t>(xd, sgn, M, K, wd, N, bd, md, flo, fhi, out.data_ptr<int16_t>());
+  const Avx2Epilogue e(bias, mult, lo, hi);
+  with_out_type(fused, out_code, out, [&](auto* o) { pw_avx2_run(xd, sgn, M, K, wd, N, e.bias, e.mult, e.lo, e.hi, o); });
 #else
   TORCH_CHECK(false, "pw_gemm_avx2: built without AVX2");
 #endif
@@ -1251,25 +1264,18 @@ torch::Tensor dw_conv1d_avx2(torch::Tensor x, torch::Tensor w2, int64_t K, int64
   const int64_t Tout = (T + 2 * pad - dil * (K - 1) - 1) / stride + 1;
   TORCH_CHECK(Tout > 0, "dw_conv1d_avx2: empty output");
   const bool fused = mult.numel() > 0;
-  TORCH_CHECK(!fused || (mult.dtype() == torch::kFloat32 && mult.numel() == C && mult.is_contiguous()),
-              "dw_conv1d_avx2: mult must be float32 (C) or empty");
-  TORCH_CHECK(bias.numel() == 0 || (fused && bias.dtype() == torch::kInt64 && bias.numel() == C && bias.is_contiguous()),
-              "dw_conv1d_avx2: bias must be int64 (C), and only with a fused requant");
-  TORCH_CHECK(!fused || out_code == 8 || out_code == -8 || out_code == 16, "dw_conv1d_avx2: fused output is int8, uint8 or int16");
+  check_epilogue_args("dw_conv1d_avx2", bias, mult, C, out_code);
+  TORCH_CHECK(mult.is_contiguous() && (bias.numel() == 0 || (bias.dtype() == torch::kInt64 && bias.is_contiguous())),
+              "dw_conv1d_avx2: mult and bias must be contiguous, the bias int64 (the AVX2 epilogue sums in int64)");
   auto out = torch::empty({B, Tout, C}, x.options().dtype(fused ? out_dtype(out_code) : torch::kInt32));
 #if defined(__AVX2__)
   const uint8_t* xd = (const uint8_t*)x.data_ptr();
   const bool sgn = x.dtype() == torch::kInt8;
   const int16_t* wd = w2.data_ptr<int16_t>();
-  const int64_t* bd = bias.numel() ? bias.data_ptr<int64_t>() : nullptr;
-  const float* md = fused ? mult.data_ptr<float>() : nullptr;
-  const float flo = (float)lo, fhi = (float)hi;
-#define QPIPE_DW2(OUT) dw_avx2_run<OUT>(xd, sgn, B, T, C, wd, KP, stride, pad, dil, Tout, bd, md, flo, fhi, out.data_ptr<OUT>())
-  if (!fused) QPIPE_DW2(int32_t);
-  else if (out_code == 8) QPIPE_DW2(int8_t);
-  else if (out_code == -8) QPIPE_DW2(uint8_t);
-  else QPIPE_DW2(int16_t);
-#undef QPIPE_DW2
+  const Avx2Epilogue e(bias, mult, lo, hi);
+  with_out_type(fused, out_code, out, [&](auto* o) {
+    dw_avx2_run(xd, sgn, B, T, C, wd, KP, stride, pad, dil, Tout, e.bias, e.mult, e.lo, e.hi, o);
+  });
 #else
   TORCH_CHECK(false, "dw_conv1d_avx2: built without AVX2");
 #endif
