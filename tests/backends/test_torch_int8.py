@@ -383,11 +383,15 @@ def test_cuda_program_is_bit_exact(tiny_int):
         want = result.gm(x)
     graphed = program_from_graph(result.gm, device="cuda")
     assert graphed.mode == "cuda graph"
-    assert torch.equal(graphed(x).cpu(), want) and torch.equal(graphed(x).cpu(), want)  # capture, then replay
+    assert torch.equal(graphed(x).cpu(), want) and not graphed.graphs  # a shape's first call runs eagerly
+    assert torch.equal(graphed(torch.zeros_like(x)).cpu(), result.gm(torch.zeros_like(x)))  # its second captures
+    assert torch.equal(graphed(x).cpu(), want) and len(graphed.graphs) == 1  # then replays, with new input
     assert torch.equal(program_from_graph(result.gm, device="cuda", cuda_graphs=False)(x).cpu(), want)
     x2 = torch.randn(1, 8, 40)
     with torch.no_grad():
-        assert torch.equal(graphed(x2).cpu(), result.gm(x2)) and len(graphed.graphs) == 2
+        for _ in range(3):
+            assert torch.equal(graphed(x2).cpu(), result.gm(x2))
+    assert len(graphed.graphs) == 2
 
 
 def test_cuda_int_mm_hands_cublaslt_a_column_major_weight():
@@ -414,6 +418,8 @@ def test_cuda_graph_capture_failure_runs_eagerly_and_says_so(tiny_int):
     x = torch.randn(2, 8, 45, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(graphed(x), result.gm(x))
+        assert graphed.mode == "cuda graph"  # a shape's first call runs eagerly, before any capture
+        assert torch.equal(graphed(x), result.gm(x))  # the second tries to capture
     assert graphed.mode.startswith("eager (CUDA graph capture failed: ") and "\n" not in graphed.mode
     assert not graphed.graphs
 

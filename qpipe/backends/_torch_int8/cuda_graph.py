@@ -6,8 +6,9 @@ GPU the Python and launch cost of those exceeds the kernels' own time. A CUDA
 graph records the launches once for a shape and replays them with one call. The
 kernels and their integers are the same, so the output is bit for bit the eager
 program's; a shape the graph has not seen is captured on its first call (the
-first call per shape costs a capture; ASR serving sees few shapes when it
-buckets by length).
+first call of a shape runs eagerly, and its second one captures: a shape seen
+once, as most are when utterances of every length come in, costs no capture; ASR
+serving that buckets by length sees few shapes, each replayed from then on).
 
 Where capture fails (a kernel that syncs with the host, an old driver) the call
 runs eagerly, and ``mode`` says why, so that a benchmark reports what ran.
@@ -28,11 +29,13 @@ class CudaGraphed:
     :class:`~qpipe.backends._torch_int8.program.Program` on CUDA; a benchmark's float model);
     ``device``: its device (default ``program.device``)."""
 
-    def __init__(self, program: Any, device: Any = None, max_shapes: int = 8, warmup: int = 2):
+    def __init__(self, program: Any, device: Any = None, max_shapes: int = 8, warmup: int = 2, capture_after: int = 1):
+        """``capture_after``: eager calls of a shape before it is captured (0: capture on its first call)."""
         self.program = program
         self.device = torch.device(device if device is not None else program.device)
         self.kernels = getattr(program, "kernels", {})
-        self.max_shapes, self.warmup = max_shapes, warmup
+        self.max_shapes, self.warmup, self.capture_after = max_shapes, warmup, capture_after
+        self.seen: dict[tuple, int] = {}
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Any]] = OrderedDict()
         self.mode = "cuda graph"
 
@@ -57,6 +60,12 @@ class CudaGraphed:
         key = (tuple(x.shape), x.dtype)
         entry = self.graphs.get(key)
         if entry is None:
+            calls = self.seen.get(key, 0)
+            if calls < self.capture_after:
+                if len(self.seen) > 1024:  # many one-off shapes: forget them rather than grow
+                    self.seen.clear()
+                self.seen[key] = calls + 1
+                return self.program(x)
             try:
                 entry = self._capture(x)
             except Exception as exc:  # noqa: BLE001  (any capture failure: run eagerly and say so)
