@@ -135,14 +135,13 @@ def _float_candidates(plan: dict, dev: torch.device, cuda: bool) -> dict:
     return out
 
 
-def _time_candidates(row: dict, plan: dict, programs: dict, batch_file: str, dev, cuda: bool, rounds: int, save,
+def _time_candidates(row: dict, cands: dict, batch_file: str, dev, cuda: bool, rounds: int, sync, save,
                      key: str) -> dict:
-    """Median ms of every float baseline and int8 program on one batch, into ``row[key]`` as each one is done."""
+    """Median ms of every candidate (name -> (callable, input dtype or None, TF32 on)) on one batch, into
+    ``row[key]`` as each one is done."""
     import traceback
 
     x = torch.load(batch_file, weights_only=True)["x"].to(dev)
-    cands = _float_candidates(plan, dev, cuda)
-    cands.update({k: (v, None, False) for k, v in programs.items()})
     res: dict = {}
     for cname, (fn, dtype, tf32) in cands.items():
         try:
@@ -151,7 +150,7 @@ def _time_candidates(row: dict, plan: dict, programs: dict, batch_file: str, dev
                 torch.backends.cudnn.allow_tf32 = tf32
                 torch.backends.cuda.matmul.allow_tf32 = tf32
             with torch.no_grad():
-                res[cname] = timed(fn, xin, rounds, sync=torch.cuda.synchronize if cuda else (lambda: None))
+                res[cname] = timed(fn, xin, rounds, sync)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             row["errors"][f"time {key} {cname}"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -228,8 +227,10 @@ def run_kit(kit: str, device: str, rounds: int, json_path: str | None) -> int:
                 diff = "" if same else f" (max |diff| {int((got.to(torch.int64) - want.to(torch.int64)).abs().max())})"
                 print(f"  batch {b}, {pname}: logits bit-exact with the CPU reference: {same}{diff}", flush=True)
             save()
+        cands = _float_candidates(plan, dev, cuda)  # built once: the graphed ones keep a graph per batch shape
+        cands.update({k: (v, None, False) for k, v in programs.items()})
         for b in [batches[-1]] + ([1] if cuda and len(batches) > 1 and 1 in batches else []):
-            res = _time_candidates(row, plan, programs, os.path.join(d, f"batch{b}.pt"), dev, cuda, rounds, save,
+            res = _time_candidates(row, cands, os.path.join(d, f"batch{b}.pt"), dev, cuda, rounds, sync, save,
                                    "median_ms" if b == batches[-1] else f"median_ms_batch{b}")
             base = res.get("torch fp32 (float twin)")
             if b == batches[-1]:

@@ -37,7 +37,12 @@ class CudaGraphed:
         self.max_shapes, self.warmup, self.capture_after = max_shapes, warmup, capture_after
         self.seen: dict[tuple, int] = {}
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Any]] = OrderedDict()
-        self.mode = "cuda graph"
+        self.failure: str | None = None  # why capture failed, once it has: every call runs eagerly from then on
+
+    @property
+    def mode(self) -> str:
+        """What runs: ``"cuda graph"``, or ``"eager (CUDA graph capture failed: ...)"`` with the reason."""
+        return "cuda graph" if self.failure is None else f"eager (CUDA graph capture failed: {self.failure})"
 
     def _capture(self, x: Tensor):
         static_in = x.clone()
@@ -55,7 +60,7 @@ class CudaGraphed:
     @torch.no_grad()
     def __call__(self, features: Tensor) -> Any:
         x = features.to(self.device)
-        if self.mode != "cuda graph":
+        if self.failure is not None:
             return self.program(x)
         key = (tuple(x.shape), x.dtype)
         entry = self.graphs.get(key)
@@ -69,7 +74,7 @@ class CudaGraphed:
             try:
                 entry = self._capture(x)
             except Exception as exc:  # noqa: BLE001  (any capture failure: run eagerly and say so)
-                self.mode = f"eager (CUDA graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [""])[0][:120]}"
                 self.graphs.clear()
                 return self.program(x)
             self.graphs[key] = entry
