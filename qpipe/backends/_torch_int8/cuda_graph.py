@@ -74,7 +74,7 @@ class CudaGraphed:
             try:
                 entry = self._capture(x)
             except Exception as exc:  # noqa: BLE001  (any capture failure: run eagerly and say so)
-                self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [""])[0][:120]}"
+                self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
                 self.graphs.clear()
                 return self.program(x)
             self.graphs[key] = entry
